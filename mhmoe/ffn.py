@@ -1,0 +1,161 @@
+"""The FFN layer family: one config (`FFNConfig`), one builder (`build_ffn`), one aux record (`MoEAux`).
+
+    kind="dense"            SwiGLU FFN  (silu(x W1) * (x W3)) W2                         eq. (5), SwiGLU form
+    kind="moe", heads=1     SMoE / fine-grained SMoE: router + E SwiGLU experts         eq. (1)
+    kind="moe", heads=h     MH-MoE: head proj, h sub-tokens, shared router, merge proj  eq. (2)-(4)
+
+Shape legend: B batch, T time, D model dim, F hidden dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mhmoe.configbase import Config, ConfigError
+
+Dispatch = Literal["sorted", "grouped_mm"]
+
+
+@dataclass(frozen=True)
+class FFNConfig(Config):
+    """Configuration of one FFN / MoE / MH-MoE layer.
+
+    Attributes:
+        kind: "dense" (SwiGLU FFN) or "moe" (routed experts; MH-MoE when heads > 1).
+        dim: model dimension D (input and output width of the layer).
+        hidden_dim: hidden width F of the dense FFN or of each expert.
+        num_experts: E, routed experts (moe only).
+        top_k: K, experts per (sub-)token (moe only).
+        heads: h, sub-tokens per token; each has D/h features (moe only).
+        head_layer: apply the D x D head projection W_head before splitting, eq. (2).
+        merge_layer: apply the D x D merge projection W_merge after concatenating, eq. (4).
+        shared_hidden_dim: hidden width of an always-on shared expert on the full token; 0 = none.
+        renormalize: renormalise the top-k softmax weights to sum to 1 (the paper does not; off by default).
+        lb_coef: coefficient of the Switch/GShard load-balancing loss.
+        z_coef: coefficient of the router z-loss (0 = off).
+        jitter: multiplicative input jitter eps for the router in training (0 = off).
+        capacity_factor: 0 = dropless (default); > 0 drops assignments beyond
+            ceil(capacity_factor * N * K / E) per expert, in training only.
+        dispatch: "sorted" (sort by expert, one matmul per contiguous group) or "grouped_mm"
+            (torch's grouped GEMM over the same sorted layout).
+    """
+
+    kind: Literal["dense", "moe"] = "moe"
+    dim: int = 768
+    hidden_dim: int = 2048
+    num_experts: int = 8
+    top_k: int = 1
+    heads: int = 1
+    head_layer: bool = False
+    merge_layer: bool = False
+    shared_hidden_dim: int = 0
+    renormalize: bool = False
+    lb_coef: float = 0.01
+    z_coef: float = 0.0
+    jitter: float = 0.0
+    capacity_factor: float = 0.0
+    dispatch: Dispatch = "sorted"
+
+    def validate(self) -> None:
+        if self.dim <= 0:
+            raise ConfigError(f"FFNConfig.dim: must be > 0, got {self.dim}")
+        if self.hidden_dim <= 0:
+            raise ConfigError(f"FFNConfig.hidden_dim: must be > 0, got {self.hidden_dim}")
+        if self.shared_hidden_dim < 0:
+            raise ConfigError(f"FFNConfig.shared_hidden_dim: must be >= 0 (0 = no shared expert), got {self.shared_hidden_dim}")
+        if self.kind == "dense":
+            moe_only = {
+                "heads": (self.heads, 1), "head_layer": (self.head_layer, False),
+                "merge_layer": (self.merge_layer, False), "shared_hidden_dim": (self.shared_hidden_dim, 0),
+            }
+            for name, (value, default) in moe_only.items():
+                if value != default:
+                    raise ConfigError(f"FFNConfig.{name}: only applies to kind='moe'; leave it at {default!r} for a dense FFN")
+            return
+        if self.num_experts < 1:
+            raise ConfigError(f"FFNConfig.num_experts: must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"FFNConfig.top_k: must satisfy 1 <= top_k <= num_experts ({self.num_experts}), got {self.top_k}"
+            )
+        if self.heads < 1:
+            raise ConfigError(f"FFNConfig.heads: must be >= 1, got {self.heads}")
+        if self.dim % self.heads != 0:
+            raise ConfigError(f"FFNConfig.heads: dim ({self.dim}) must be divisible by heads ({self.heads})")
+        for name in ("lb_coef", "z_coef", "capacity_factor"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"FFNConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width D/h of one sub-token (= D for SMoE)."""
+        return self.dim // self.heads
+
+
+@dataclass
+class MoEAux:
+    """What a layer reports besides its output; zeros for a dense FFN.
+
+    Attributes:
+        loss: lb_coef * lb_loss + z_coef * z_loss (add to the training loss).
+        lb_loss: Switch/GShard load-balancing loss, E * sum_e f_e P_e over all K choices (1.0 when balanced).
+        z_loss: mean squared log-sum-exp of router logits.
+        router_entropy: mean entropy (nats) of the router distribution per (sub-)token.
+        tokens_per_expert: [E] assignments routed to each expert (before any capacity drop).
+        dropped_fraction: fraction of assignments dropped by the capacity limit (0 when dropless).
+    """
+
+    loss: torch.Tensor
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    router_entropy: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+    @staticmethod
+    def zeros(device: torch.device | str = "cpu") -> "MoEAux":
+        z = torch.zeros((), device=device)
+        return MoEAux(z, z, z, z, torch.zeros(0, dtype=torch.long, device=device), z)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN without biases: (silu(x W1) * (x W3)) W2."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DenseFFN(nn.Module):
+    """kind="dense": a SwiGLU FFN with the layer family's (y, aux) interface."""
+
+    def __init__(self, cfg: FFNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ffn = SwiGLU(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:  # [B, T, D]
+        return self.ffn(x), MoEAux.zeros(x.device)
+
+
+def build_ffn(cfg: FFNConfig) -> nn.Module:
+    """Build the layer described by `cfg`: a DenseFFN or an MoELayer (SMoE, fine-grained, MH-MoE)."""
+    if not isinstance(cfg, FFNConfig):
+        raise TypeError(f"build_ffn expects an FFNConfig, got {type(cfg).__name__}")
+    if cfg.kind == "dense":
+        return DenseFFN(cfg)
+    from mhmoe.moe import MoELayer  # local import: moe.py imports this module
+
+    return MoELayer(cfg)
