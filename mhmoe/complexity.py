@@ -53,11 +53,12 @@ def param_count(cfg: FFNConfig) -> Breakdown:
 
 
 def active_param_count(cfg: FFNConfig) -> int:
-    """Parameters touched by one sub-token: head, router, K experts, shared expert, merge."""
+    """Parameters one token can touch: head, router, its h*K routed experts (at most E), shared expert, merge."""
     p = param_count(cfg)
     if cfg.kind == "dense":
         return p.total
-    return p.head + p.router + cfg.top_k * 3 * cfg.head_dim * cfg.hidden_dim + p.shared + p.merge
+    routed = min(cfg.num_experts, cfg.heads * cfg.top_k) * 3 * cfg.head_dim * cfg.hidden_dim
+    return p.head + p.router + routed + p.shared + p.merge
 
 
 def flops_per_token(cfg: FFNConfig) -> Breakdown:
@@ -172,22 +173,27 @@ def _round_to(x: float, multiple: int) -> int:
 
 def solve_parity(
     dim: int, hidden_dim: int, num_experts: int, top_k: int, heads: int, *,
-    top_k_new: int | None = None, hidden_multiple: int | None = None, expert_multiple: int = 8,
+    top_k_new: int | None = None, hidden_multiple: int | None = None, expert_multiple: int | None = None,
     count_head_merge: bool = True, head_layer: bool = True, merge_layer: bool = True,
-    shared_hidden_dim: int = 0, flops_tolerance: float = 0.01,
+    shared_hidden_dim: int = 0, flops_tolerance: float = 0.02,
 ) -> ParityResult:
     """Section 2.3 recipe: the MH-MoE (F', K', E') matching an SMoE in FLOPs and, as closely as integers
     allow, in parameters.
+
+    F' comes from eq. (8) (leading terms, as the paper does). Only when the router of the many small experts
+    then costs more than `flops_tolerance` of the total (very fine-grained inputs) is F' re-solved with the
+    router FLOPs included.
 
     Args:
         dim, hidden_dim, num_experts, top_k: the SMoE (D, F, E, K).
         heads: h of the MH-MoE.
         top_k_new: K' (default h * K, as the paper does).
         hidden_multiple: round F' to a multiple of this; None picks the largest power of two <= 256 that keeps
-            the leading-term FLOPs within `flops_tolerance` of the SMoE (768 -> 256 for the paper's d=768).
-        expert_multiple: round E' to the nearest multiple of this (8 reproduces the paper's 40 and 96).
+            the total FLOPs ratio within `flops_tolerance` (for the paper's d=768 that is 256).
+        expert_multiple: round E' to the nearest multiple of this; None picks the largest of 8, 4, 2, 1 that
+            keeps E' within 4% of exact parameter parity (8 gives the paper's 40 and 96: exact 41.3 and 93.0).
         count_head_merge: include the 2 D^2 head/merge parameters in the parameter budget (eq. (9)).
-        head_layer, merge_layer: whether the MH-MoE has them (their FLOPs are always subtracted if present).
+        head_layer, merge_layer: whether the MH-MoE has them (their FLOPs are always paid for by smaller F').
         shared_hidden_dim: a shared expert of this width added to both models (does not affect the solution).
     """
     if dim % heads:
@@ -195,34 +201,74 @@ def solve_parity(
     k_new = top_k_new if top_k_new is not None else heads * top_k
     if k_new < 1:
         raise ValueError(f"top_k_new: must be >= 1, got {k_new}")
+    if (hidden_multiple is not None and hidden_multiple < 1) or (expert_multiple is not None and expert_multiple < 1):
+        raise ValueError("hidden_multiple/expert_multiple: must be >= 1")
+    dh = dim // heads
     proj = (int(head_layer) + int(merge_layer)) * dim * dim  # MACs and params of head + merge
+    smoe = FFNConfig(
+        kind="moe", dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
+        shared_hidden_dim=shared_hidden_dim,
+    )
+    smoe_params = param_count(smoe)
+    smoe_macs = (flops_per_token(smoe).total - flops_per_token(smoe).shared) // 2  # routed part only
+
+    def experts_for_exact(hidden_new: float) -> float:  # eq. (9), SwiGLU form, routers included
+        budget = smoe_params.total - smoe_params.shared - (proj if count_head_merge else 0)
+        return budget / (3 * dh * hidden_new + dh)
+
+    def experts_for(hidden_new: int) -> tuple[float, int]:
+        exact = experts_for_exact(hidden_new)
+        for m in [expert_multiple] if expert_multiple else [8, 4, 2, 1]:
+            e_new = max(k_new, _round_to(exact, m))
+            if expert_multiple or abs(e_new / exact - 1) <= 0.04:
+                return exact, e_new
+        return exact, max(k_new, round(exact))
+
+    def build(hidden_new: int) -> tuple[FFNConfig, float]:
+        _, e_new = experts_for(hidden_new)
+        cfg = FFNConfig(
+            kind="moe", dim=dim, hidden_dim=hidden_new, num_experts=e_new, top_k=k_new, heads=heads,
+            head_layer=head_layer, merge_layer=merge_layer, shared_hidden_dim=shared_hidden_dim,
+        )
+        return cfg, flops_per_token(cfg).total / flops_per_token(smoe).total
+
+    def rounded(hidden_exact: float) -> tuple[FFNConfig, int]:
+        # Largest multiple whose leading-term error stays within 1% (F' = 768 and 512 for the paper's d=768).
+        multiples = [hidden_multiple] if hidden_multiple else [256, 128, 64, 32, 16, 8, 4, 2]
+        for m in multiples:
+            h_new = _round_to(hidden_exact, m)
+            if hidden_multiple or abs(h_new / hidden_exact - 1) <= 0.01:
+                return build(h_new)[0], m
+        return build(max(1, round(hidden_exact)))[0], 1
+
     hidden_exact = (3 * dim * hidden_dim * top_k - proj) / (3 * dim * k_new)  # eq. (8), SwiGLU form
     if hidden_exact <= 0:
         raise ValueError(
             "hidden_dim: the SMoE's expert FLOPs (3*D*F*K) do not cover the 2*D^2 of the head and merge layers; "
             "use a larger hidden_dim or top_k, or drop head_layer/merge_layer"
         )
-    if hidden_multiple is None:
-        hidden_multiple = 1
-        for m in (256, 128, 64, 32, 16, 8, 4, 2):
-            if abs(_round_to(hidden_exact, m) / hidden_exact - 1) <= flops_tolerance:
-                hidden_multiple = m
+    found = rounded(hidden_exact)
+    if hidden_multiple is None and abs(build(found[0].hidden_dim)[1] - 1) > flops_tolerance:
+        # Router-aware: total MACs 2D^2 + 3 D F' K' + D E'(F') = the SMoE's. The map F -> g(F) is increasing
+        # and g(F) < F at eq. (8)'s F, so iterating from there descends to the largest fixed point, if any.
+        f = hidden_exact
+        for _ in range(500):
+            f_next = (smoe_macs - proj - dim * experts_for_exact(f)) / (3 * dim * k_new)
+            if f_next < 1:
+                raise ValueError(
+                    f"heads: no MH-MoE with h={heads} matches this SMoE's FLOPs: the router over the "
+                    f"~{experts_for_exact(hidden_exact):,.0f} small experts parameter parity needs costs more "
+                    "than the whole FLOP budget; use fewer heads or fewer, larger SMoE experts"
+                )
+            if abs(f_next - f) < 1e-9:
                 break
-    if hidden_multiple < 1 or expert_multiple < 1:
-        raise ValueError("hidden_multiple/expert_multiple: must be >= 1")
-    hidden_new = _round_to(hidden_exact, hidden_multiple)
-    budget = 3 * dim * hidden_dim * num_experts - (proj if count_head_merge else 0)
-    experts_exact = budget / (3 * (dim // heads) * hidden_new)  # eq. (9), SwiGLU form
-    experts_new = max(k_new, _round_to(experts_exact, expert_multiple))
-    smoe = FFNConfig(
-        kind="moe", dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
-        shared_hidden_dim=shared_hidden_dim,
-    )
-    mhmoe = FFNConfig(
-        kind="moe", dim=dim, hidden_dim=hidden_new, num_experts=experts_new, top_k=k_new, heads=heads,
-        head_layer=head_layer, merge_layer=merge_layer, shared_hidden_dim=shared_hidden_dim,
-    )
-    return ParityResult(smoe, mhmoe, hidden_exact, experts_exact, hidden_multiple, expert_multiple, count_head_merge)
+            f = f_next
+        hidden_exact = f
+        found = rounded(hidden_exact)
+    mhmoe, multiple = found
+    e_exact = experts_for_exact(mhmoe.hidden_dim)
+    e_multiple = expert_multiple or next(m for m in (8, 4, 2, 1) if mhmoe.num_experts % m == 0)
+    return ParityResult(smoe, mhmoe, hidden_exact, e_exact, multiple, e_multiple, count_head_merge)
 
 
 def fine_grained(cfg: FFNConfig, granularity: int = 2) -> FFNConfig:

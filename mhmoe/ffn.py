@@ -90,6 +90,11 @@ class FFNConfig(Config):
         for name in ("lb_coef", "z_coef", "capacity_factor"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"FFNConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.dispatch == "grouped_mm" and (self.head_dim % 8 or self.hidden_dim % 8):
+            raise ConfigError(
+                f"FFNConfig.dispatch: grouped_mm needs dim/heads ({self.head_dim}) and hidden_dim ({self.hidden_dim}) "
+                "to be multiples of 8 (16-byte strides); use dispatch='sorted'"
+            )
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
 
