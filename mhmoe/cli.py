@@ -72,18 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_parity)
 
+    from mhmoe import evaluate, train
+
+    train.add_cli(sub)
+    evaluate.add_cli(sub)
+    import importlib.util
+
+    if importlib.util.find_spec("mhmoe.reproduce") is not None:
+        from mhmoe import reproduce
+
+        reproduce.add_cli(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mhmoe` console script."""
+    from mhmoe.checkpoint import CheckpointError
     from mhmoe.configbase import ConfigError
+    from mhmoe.data import DataError
+    from mhmoe.train import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError) as e:
+    except (UserError, ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"mhmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -175,7 +175,7 @@ def solve_parity(
     dim: int, hidden_dim: int, num_experts: int, top_k: int, heads: int, *,
     top_k_new: int | None = None, hidden_multiple: int | None = None, expert_multiple: int | None = None,
     count_head_merge: bool = True, head_layer: bool = True, merge_layer: bool = True,
-    shared_hidden_dim: int = 0, flops_tolerance: float = 0.02,
+    shared_hidden_dim: int = 0, flops_tolerance: float = 0.02, router_aware: bool | None = None,
 ) -> ParityResult:
     """Section 2.3 recipe: the MH-MoE (F', K', E') matching an SMoE in FLOPs and, as closely as integers
     allow, in parameters.
@@ -195,6 +195,9 @@ def solve_parity(
         count_head_merge: include the 2 D^2 head/merge parameters in the parameter budget (eq. (9)).
         head_layer, merge_layer: whether the MH-MoE has them (their FLOPs are always paid for by smaller F').
         shared_hidden_dim: a shared expert of this width added to both models (does not affect the solution).
+        router_aware: True always includes router FLOPs when solving F'; False never does (the paper's eq. (8),
+            as the presets use so that every scale keeps section 3's sizes); None does so only when eq. (8)
+            misses the total FLOPs by more than `flops_tolerance`.
     """
     if dim % heads:
         raise ValueError(f"heads: dim ({dim}) must be divisible by heads ({heads})")
@@ -248,7 +251,8 @@ def solve_parity(
             "use a larger hidden_dim or top_k, or drop head_layer/merge_layer"
         )
     found = rounded(hidden_exact)
-    if hidden_multiple is None and abs(build(found[0].hidden_dim)[1] - 1) > flops_tolerance:
+    off = abs(build(found[0].hidden_dim)[1] - 1) > flops_tolerance
+    if router_aware or (router_aware is None and hidden_multiple is None and off):
         # Router-aware: total MACs 2D^2 + 3 D F' K' + D E'(F') = the SMoE's. The map F -> g(F) is increasing
         # and g(F) < F at eq. (8)'s F, so iterating from there descends to the largest fixed point, if any.
         f = hidden_exact
@@ -290,3 +294,20 @@ SMOE_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "olmoe-1b-7b": (2048, 1024, 64, 8),
     "qwen1.5-moe-a2.7b": (2048, 1408, 60, 4),
 }
+
+
+def model_param_count(cfg: "ModelConfig") -> dict[str, int]:  # noqa: F821 - imported lazily (cycle)
+    """Exact parameters of `Transformer(cfg)` (tied embedding counted once), and those active per token."""
+    d, L = cfg.dim, cfg.n_layers
+    embed = cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    attn = L * (4 * d * d)
+    norms = (2 * L + 1) * d
+    ffn_total = ffn_active = 0
+    for i in range(L):
+        f = cfg.ffn_config(i)
+        ffn_total += param_count(f).total
+        ffn_active += active_param_count(f)
+    total = embed + head + attn + norms + ffn_total
+    return {"total": total, "active": total - ffn_total + ffn_active, "embedding": embed + head,
+            "non_embedding": total - embed - head}

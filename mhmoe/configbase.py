@@ -160,7 +160,11 @@ class Config:
         if rest:
             if not isinstance(current, Config):
                 raise ConfigError(f"{dotted}: {head} is not a nested config")
-            return self.replace(**{head: current.override(rest, value)})
+            try:
+                return self.replace(**{head: current.override(rest, value)})
+            except ConfigError as e:
+                msg = str(e)
+                raise ConfigError(f"{head}.{msg}" if msg.startswith(rest.split(".")[0]) else msg) from None
         hint = get_type_hints(type(self))[head]
         if isinstance(value, str) and (hint is Any or get_origin(hint) in (dict,)):
             value = json.loads(value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import operator
 import os
 import re
 import tempfile
@@ -267,7 +268,10 @@ def resolve_data_root(explicit: str | os.PathLike[str] | None) -> Path:
 def _source_files(spec: CorpusSpec, root: Path) -> list[tuple[Source, list[Path]]]:
     root = Path(root)
     # Sorted relative paths make the document order a function of the file set alone, not of the filesystem.
-    return [(s, sorted((p for p in root.glob(s.pattern) if p.is_file()), key=lambda p: p.as_posix())) for s in spec.sources]
+    return [
+        (s, sorted((p for p in root.glob(s.pattern) if p.is_file()), key=lambda p: p.as_posix()))
+        for s in spec.sources
+    ]
 
 
 def corpus_files(name: str, root: Path) -> list[Path]:
@@ -336,7 +340,10 @@ def read_wikitext(path: str | os.PathLike[str]) -> Iterator[str]:
 
     Text before the first heading belongs to the first article, so the articles concatenate back to the file.
     """
-    text = _read_text(path)
+    yield from _split_wikitext(_read_text(path))
+
+
+def _split_wikitext(text: str) -> Iterator[str]:
     starts = [m.start() for m in _WIKITEXT_HEADING.finditer(text)]
     cuts = [0, *starts[1:], len(text)] if starts else [0, len(text)]
     for a, b in zip(cuts, cuts[1:]):
@@ -359,6 +366,12 @@ def read_wikiextractor(path: str | os.PathLike[str]) -> Iterator[str]:
             raise DataError(
                 f"{path}:{_line_of(text, stray)}: text outside <doc>...</doc>; "
                 "fix the file or re-run WikiExtractor (every article must be wrapped in <doc ...>...</doc>)"
+            )
+        nested = re.search(r"<doc\b", m.group(1))
+        if nested:
+            raise DataError(
+                f"{path}:{_line_of(text, m.start())}: <doc> without a closing </doc> before the next <doc>; "
+                "fix the file or re-run WikiExtractor"
             )
         last = m.end()
         found = True
@@ -386,7 +399,9 @@ def read_gutenberg(path: str | os.PathLike[str]) -> Iterator[str]:
     text = _read_text(path)
     start = _PG_START.search(text)
     if start is None:
-        raise DataError(f"{path}: no '*** START OF' marker line; is this a Project Gutenberg text? use the plain reader")
+        raise DataError(
+            f"{path}: no '*** START OF' marker line; is this a Project Gutenberg text? use the plain reader"
+        )
     # Some eBooks wrap the marker over two lines ("*** START OF ... EBOOK\nTITLE ***"): skip to its closing "***".
     close = text.find("***", start.end())
     newline = text.find("\n", start.end())
@@ -597,12 +612,7 @@ def _hub_documents(name: str, spec: CorpusSpec, ds: Iterable[dict[str, Any]]) ->
     try:
         if hub.select == "wikitext":
             # The hub stores WikiText one line per record; rebuild the raw text and split it like read_wikitext.
-            text = "".join(r["text"] for r in ds)
-            starts = [m.start() for m in _WIKITEXT_HEADING.finditer(text)]
-            cuts = [0, *starts[1:], len(text)] if starts else [0, len(text)]
-            for a, b in zip(cuts, cuts[1:]):
-                if text[a:b].strip():
-                    yield text[a:b]
+            yield from _split_wikitext("".join(r["text"] for r in ds))
             return
         for r in ds:
             text = r.get("text")
@@ -693,7 +703,9 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
         except Exception as e:
-            raise DataError(f"{path}: not a valid tokenizers JSON file ({_one_line(e)}); re-save the tokenizer") from None
+            raise DataError(
+                f"{path}: not a valid tokenizers JSON file ({_one_line(e)}); re-save the tokenizer"
+            ) from None
         return Tokenizer(hf)
 
     @property
@@ -733,7 +745,9 @@ def _train_bpe(docs: Iterable[str], vocab_size: int) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     bl = ByteLevelBPETokenizer()
-    bl.train_from_iterator(iter(docs), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    bl.train_from_iterator(
+        iter(docs), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False
+    )
     return Tokenizer(HFTokenizer.from_str(bl.to_str()))
 
 
@@ -807,15 +821,19 @@ def _batches(docs: Iterable[str], max_docs: int = 512, max_chars: int = 8_000_00
 
 
 def _open_cache(name: str, stem: Path, manifest: dict[str, Any]) -> TokenizedCorpus | None:
+    """The cached corpus, or None when any file is missing or inconsistent with the manifest (then rebuild)."""
     bin_path, docs_path = stem.with_suffix(".bin"), stem.with_suffix(".docs.npy")
-    dt = np.dtype(manifest["dtype"])
-    n = int(manifest["num_tokens"])
-    if not bin_path.is_file() or bin_path.stat().st_size != n * dt.itemsize or not docs_path.is_file() or n == 0:
+    try:
+        dt = np.dtype(manifest["dtype"])
+        n = int(manifest["num_tokens"])
+        if n == 0 or bin_path.stat().st_size != n * dt.itemsize:
+            return None
+        offsets = np.load(docs_path, allow_pickle=False)
+        if offsets.dtype != np.int64 or offsets.shape != (int(manifest["num_docs"]) + 1,) or int(offsets[-1]) != n:
+            return None
+        tokens = np.memmap(bin_path, dtype=dt, mode="r", shape=(n,))
+    except (KeyError, TypeError, ValueError, OSError):
         return None
-    offsets = np.load(docs_path)
-    if offsets.shape != (int(manifest["num_docs"]) + 1,) or int(offsets[-1]) != n:
-        return None
-    tokens = np.memmap(bin_path, dtype=dt, mode="r", shape=(n,))
     return TokenizedCorpus(name, tokens, offsets, manifest)
 
 
@@ -928,6 +946,17 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 # Samplers
 
 
+def _as_int(value: Any, label: str, lo: int) -> int:
+    # operator.index accepts Python and NumPy integers but not floats or bools-as-strings.
+    try:
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or isinstance(value, bool) or v < lo:
+        raise DataError(f"{label}: {value!r} must be an integer >= {lo}")
+    return v
+
+
 class TrainSampler:
     """Random contiguous windows of seq_len+1 tokens, a pure function of (seed, step): resuming only needs the step.
 
@@ -945,13 +974,14 @@ class TrainSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        for label, v, lo in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1)):
-            if not isinstance(v, int) or v < lo:
-                raise DataError(f"TrainSampler.{label}: {v!r} must be an integer >= {lo}")
-        if not isinstance(seed, int) or seed < 0:
-            raise DataError(f"TrainSampler.seed: {seed!r} must be a non-negative integer")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise DataError(f"TrainSampler.rank: {rank!r} must be in [0, world_size={world_size})")
+        seq_len, batch_size, world_size = (
+            _as_int(v, f"TrainSampler.{k}", 1)
+            for k, v in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size))
+        )
+        seed = _as_int(seed, "TrainSampler.seed", 0)
+        rank = _as_int(rank, "TrainSampler.rank", 0)
+        if rank >= world_size:
+            raise DataError(f"TrainSampler.rank: {rank} must be in [0, world_size={world_size})")
         if corpus.num_tokens < seq_len + 1:
             raise DataError(
                 f"corpus {corpus.name!r} has {corpus.num_tokens} tokens, fewer than seq_len+1 = {seq_len + 1}; "
@@ -967,8 +997,8 @@ class TrainSampler:
 
     def starts(self, step: int, micro: int = 0) -> np.ndarray:
         """Start offsets of this rank's windows for (step, micro), int64 [batch_size]."""
-        if not isinstance(step, int) or step < 0 or not isinstance(micro, int) or micro < 0:
-            raise DataError(f"TrainSampler.batch: step={step!r}, micro={micro!r} must be non-negative integers")
+        step = _as_int(step, "TrainSampler.batch step", 0)
+        micro = _as_int(micro, "TrainSampler.batch micro", 0)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step, micro])))
         everyone = rng.integers(0, self._num_starts, size=self.batch_size * self.world_size, dtype=np.int64)
         return everyone[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
@@ -990,10 +1020,8 @@ def eval_windows(corpus: TokenizedCorpus, seq_len: int, max_tokens: int = 0) -> 
     Each window predicts its last seq_len tokens, so targets never overlap and tile the corpus from token 1;
     the ragged tail is dropped, and at most `max_tokens` tokens are predicted when max_tokens > 0.
     """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise DataError(f"eval_windows.seq_len: {seq_len!r} must be an integer >= 1")
-    if max_tokens < 0:
-        raise DataError(f"eval_windows.max_tokens: {max_tokens} is negative; use 0 (all) or a positive cap")
+    seq_len = _as_int(seq_len, "eval_windows.seq_len", 1)
+    max_tokens = _as_int(max_tokens, "eval_windows.max_tokens", 0)
     count = (corpus.num_tokens - 1) // seq_len
     if max_tokens > 0:
         count = min(count, max_tokens // seq_len)

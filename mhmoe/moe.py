@@ -35,8 +35,11 @@ class MoELayer(nn.Module):
         self.merge = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.merge_layer else None
         self.shared = SwiGLU(cfg.dim, cfg.shared_hidden_dim) if cfg.shared_hidden_dim > 0 else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        """x: [B, T, D] (or [N, D]) -> (y of the same shape, MoEAux)."""
+    def forward(self, x: torch.Tensor, apply_merge: bool = True) -> tuple[torch.Tensor, MoEAux]:
+        """x: [B, T, D] (or [N, D]) -> (y of the same shape, MoEAux).
+
+        apply_merge=False returns y' before W_merge, for models that place the merge after the residual add.
+        """
         cfg = self.cfg
         shape = x.shape
         tokens = x.reshape(-1, cfg.dim)  # [BT, D]
@@ -48,7 +51,7 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(routing.indices.numel(), cfg.num_experts, cfg.capacity_factor)
         y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity)  # eq. (3), [N, D/H]
         y = rearrange(y_sub, "(n h) d -> n (h d)", h=cfg.heads)  # [BT, D]
-        if self.merge is not None:
+        if self.merge is not None and apply_merge:
             y = self.merge(y)  # eq. (4)
         if self.shared is not None:
             y = y + self.shared(tokens)

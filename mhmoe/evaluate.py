@@ -1,0 +1,99 @@
+"""Validation perplexity = exp(mean token NLL) on fixed, deterministic windows of each evaluation domain.
+
+Evaluation runs the model in eval mode: MoE layers never drop tokens there, so a token's loss does not depend on
+what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mhmoe.data import TokenizedCorpus, eval_windows
+
+
+@torch.no_grad()
+def evaluate_corpus(
+    model: torch.nn.Module, corpus: TokenizedCorpus, seq_len: int, batch_size: int = 16, max_tokens: int = 0,
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """NLL summed in float64 over every predicted token of the windows; returns loss, ppl and counts."""
+    was_training = model.training
+    model.eval()
+    windows = eval_windows(corpus, seq_len, max_tokens)  # [W, seq_len + 1]
+    if windows.shape[0] == 0:
+        raise ValueError(f"eval corpus {corpus.name!r} has fewer than {seq_len + 1} tokens")
+    nll, count = 0.0, 0
+    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+                if dtype != torch.float32 else nullcontext())
+    for i in range(0, windows.shape[0], batch_size):
+        w = windows[i : i + batch_size].to(device)
+        with autocast:
+            logits = model(w[:, :-1]).logits
+        nll += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum").double().item()
+        count += w[:, 1:].numel()
+    model.train(was_training)
+    covered = windows.shape[0] * seq_len + 1
+    docs = int(np.searchsorted(corpus.doc_offsets, covered, side="left"))
+    loss = nll / count
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": count, "docs": max(1, min(docs, corpus.num_docs))}
+
+
+def evaluate_run(run_dir: Path, step: int | None = None, domains: list[str] | None = None,
+                 max_tokens: int | None = None, data_root: str | None = None,
+                 cache_dir: str | None = None) -> dict[str, Any]:
+    """Perplexity of a run's checkpoint (latest good one, or `step`) on each evaluation domain."""
+    from mhmoe.train import load_run_for_eval
+
+    loaded = load_run_for_eval(Path(run_dir), step, data_root, cache_dir)
+    cfg = loaded.cfg
+    domains = list(domains or cfg.data.eval_domains)
+    limit = cfg.data.max_eval_tokens if max_tokens is None else max_tokens
+    results = {}
+    for name in domains:
+        corpus = loaded.corpus(name, limit)
+        results[name] = evaluate_corpus(loaded.model, corpus, cfg.seq_len, cfg.batch_size, limit,
+                                        loaded.device, loaded.dtype)
+    return {"run": str(run_dir), "step": loaded.step, "tokens_seen": loaded.step * cfg.tokens_per_step,
+            "variant": cfg.variant, "preset": cfg.preset, "domains": results}
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from mhmoe.cli import UserError
+
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"RUN_DIR: {args.run_dir} is not a directory; pass the --out of a `mhmoe train` run")
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise UserError(f"--max-tokens: must be >= 0 (0 = whole domain), got {args.max_tokens}")
+    res = evaluate_run(Path(args.run_dir), args.step, args.domains.split(",") if args.domains else None,
+                       args.max_tokens, args.data_root, args.cache_dir)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['run']}  variant={res['variant']}  step={res['step']}  tokens seen={res['tokens_seen']:,}")
+    print(f"  {'domain':<14}{'ppl':>10}{'loss':>10}{'tokens':>12}{'docs':>8}")
+    for name, r in res["domains"].items():
+        print(f"  {name:<14}{r['ppl']:>10.3f}{r['loss']:>10.4f}{r['tokens']:>12,}{r['docs']:>8,}")
+    sys.stdout.flush()
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation perplexity of a run on RedPajama, Wikipedia and C4")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest good one)")
+    p.add_argument("--domains", default=None, help="comma-separated eval domains (default: the run's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per domain (default: the run's cap)")
+    p.add_argument("--data-root", default=None, help="corpora folder (default: $MHMOE_DATA_ROOT)")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: $MHMOE_CACHE_DIR or ~/.cache/mhmoe)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cli)

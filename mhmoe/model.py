@@ -1,0 +1,245 @@
+"""Decoder-only Transformer language model with dense, SMoE and MH-MoE FFNs (section 3 of the paper).
+
+Pre-norm blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)); causal self-attention with RoPE through
+`F.scaled_dot_product_attention`; the FFN of every `moe_every`-th block is `moe_ffn`, the others `dense_ffn`.
+Aux losses of all MoE layers are summed into the training loss (each already carries its coefficient).
+
+Shape legend: B batch, T time, P cached positions, D model dim, A attention heads, Dh = D / A, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mhmoe.configbase import Config, ConfigError
+from mhmoe.ffn import FFNConfig, MoEAux, build_ffn
+
+
+@dataclass(frozen=True)
+class ModelConfig(Config):
+    """A decoder-only LM. `moe_ffn` with kind="dense" gives the dense baseline."""
+
+    vocab_size: int = 8192
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    max_seq_len: int = 1024
+    moe_every: int = 2
+    dense_ffn: FFNConfig = field(default_factory=lambda: FFNConfig(kind="dense", dim=768, hidden_dim=2048))
+    moe_ffn: FFNConfig = field(default_factory=lambda: FFNConfig(kind="moe", dim=768, hidden_dim=2048))
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    merge_after_residual: bool = False
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "moe_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ModelConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ConfigError(
+                f"ModelConfig.n_heads: dim ({self.dim}) / n_heads ({self.n_heads}) must be an even integer (RoPE)"
+            )
+        for name in ("dense_ffn", "moe_ffn"):
+            if getattr(self, name).dim != self.dim:
+                raise ConfigError(f"ModelConfig.{name}.dim: must equal ModelConfig.dim ({self.dim})")
+        if self.dense_ffn.kind != "dense":
+            raise ConfigError("ModelConfig.dense_ffn.kind: must be 'dense'")
+        if self.merge_after_residual and not (self.moe_ffn.kind == "moe" and self.moe_ffn.merge_layer):
+            raise ConfigError("ModelConfig.merge_after_residual: needs moe_ffn.merge_layer=true")
+
+    def is_moe_block(self, i: int) -> bool:
+        """Blocks moe_every-1, 2*moe_every-1, ... (0-based) carry the MoE FFN: every second layer by default."""
+        return self.moe_ffn.kind == "moe" and (i + 1) % self.moe_every == 0
+
+    def ffn_config(self, i: int) -> FFNConfig:
+        return self.moe_ffn if self.is_moe_block(i) else self.dense_ffn
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None  # ce_loss + aux_loss, when targets were given
+    ce_loss: torch.Tensor | None  # mean token cross-entropy
+    aux_loss: torch.Tensor  # sum over MoE layers of their weighted aux losses
+    aux: list[MoEAux]  # one per MoE block, in depth order
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_len, head_dim/2] for rotary position embeddings."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, A, T, Dh] rotated pairwise (x1, x2) by the position angles; cos/sin: [T, Dh/2]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+class KVCache:
+    """Per-layer key/value tensors for incremental decoding; `pos` = number of cached positions."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_heads, self.layer = cfg.n_heads, layer
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        T = x.shape[1]
+        q, k, v = rearrange(self.qkv(x), "b t (three a d) -> three b a t d", three=3, a=self.n_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = cache.pos if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, A, P+T, Dh]
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries sit at positions past..past+T-1 and see every key up to their own position
+            mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(rearrange(y, "b a t d -> b t (a d)"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = build_ffn(cfg.ffn_config(layer))
+        self.is_moe = cfg.is_moe_block(layer)
+        self.merge_after_residual = cfg.merge_after_residual and self.is_moe
+
+    def forward(self, x: torch.Tensor, cos, sin, cache: KVCache | None) -> tuple[torch.Tensor, MoEAux]:  # noqa: ANN001
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        if self.merge_after_residual:  # the alternative placement: W_merge applied to (x + y') instead of y'
+            y, aux = self.ffn(self.ffn_norm(x), apply_merge=False)
+            return self.ffn.merge(x + y), aux
+        y, aux = self.ffn(self.ffn_norm(x))
+        return x + y, aux
+
+
+class Transformer(nn.Module):
+    """The language model. forward(idx[B, T], targets[B, T] | None) -> ModelOutput."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) everywhere; projections into the residual stream scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("attn.out.weight", ".w2.weight", "experts.w2", "merge.weight")):
+                p.normal_(0.0, resid_std)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds ModelConfig.max_seq_len ({self.cfg.max_seq_len})")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.embed(idx)  # [B, T, D]
+        auxes: list[MoEAux] = []
+        aux_loss = torch.zeros((), device=idx.device)
+        for block in self.blocks:
+            x, aux = block(x, cos, sin, cache)
+            if block.is_moe:
+                auxes.append(aux)
+                aux_loss = aux_loss + aux.loss
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))  # [B, T, V]
+        ce = loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss = ce + aux_loss
+        return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux_loss, aux=auxes)
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        use_cache: bool = True, generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations of idx [B, T]; temperature 0 means greedy. Returns [B, T + max_new_tokens]."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        if idx.shape[1] + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens: prompt ({idx.shape[1]}) + new tokens ({max_new_tokens}) exceed max_seq_len "
+                f"({self.cfg.max_seq_len})"
+            )
+        cache = KVCache(self.cfg.n_layers) if use_cache else None
+        out = idx
+        step_input = idx
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else out, cache=cache).logits[:, -1, :].float()  # [B, V]
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            out = torch.cat([out, nxt], dim=1)
+            step_input = nxt
+        return out
+
+
+def param_counts(model: Transformer) -> dict[str, int]:
+    """Total parameters (tied weights once) and the embedding share."""
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "embedding": model.embed.weight.numel()}
