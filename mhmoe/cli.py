@@ -78,10 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_cli(sub)
     import importlib.util
 
-    if importlib.util.find_spec("mhmoe.reproduce") is not None:
-        from mhmoe import reproduce
-
-        reproduce.add_cli(sub)
+    for name in ("reproduce", "export", "bench"):  # optional subcommand modules, each with add_cli(sub)
+        if importlib.util.find_spec(f"mhmoe.{name}") is not None:
+            importlib.import_module(f"mhmoe.{name}").add_cli(sub)
     return parser
 
 

@@ -406,9 +406,10 @@ def _check_same_config(stored: Path, cfg: TrainConfig) -> None:
     from mhmoe.cli import UserError
 
     try:
-        old = json.loads(stored.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{stored}: is not valid JSON; restore it or use a new --out") from None
+        # Through TrainConfig, so that fields added since the run started compare at their defaults.
+        old = json.loads(TrainConfig.from_dict(json.loads(stored.read_text(encoding="utf-8"))).to_json())
+    except ValueError as e:
+        raise UserError(f"{stored}: unreadable run config ({e}); restore it or use a new --out") from None
     new = json.loads(cfg.to_json())
 
     def diff(a: Any, b: Any, path: str = "") -> str | None:
