@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (one iteration per impl and mode each)")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds (one iteration per impl and mode each)")
     p.add_argument("--warmup", type=int, default=0, help="extra warm-up iterations (the correctness check already runs each once)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--seed", type=int, default=0)

@@ -311,3 +311,14 @@ def model_param_count(cfg: "ModelConfig") -> dict[str, int]:  # noqa: F821 - imp
     total = embed + head + attn + norms + ffn_total
     return {"total": total, "active": total - ffn_total + ffn_active, "embedding": embed + head,
             "non_embedding": total - embed - head}
+
+
+def model_flops_per_token(cfg: "ModelConfig", seq_len: int | None = None) -> int:  # noqa: F821
+    """Forward matmul FLOPs per token of `Transformer(cfg)`: projections, FFNs, LM head, and (if seq_len is
+    given) the causal attention scores and values, 2 * 2 * D * (seq_len + 1) / 2 per layer on average."""
+    d, L = cfg.dim, cfg.n_layers
+    total = L * 2 * 4 * d * d + 2 * d * cfg.vocab_size
+    total += sum(flops_per_token(cfg.ffn_config(i)).total for i in range(L))
+    if seq_len:
+        total += L * 2 * d * (seq_len + 1)
+    return total

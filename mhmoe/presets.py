@@ -98,14 +98,14 @@ def smoke(variant: str) -> TrainConfig:
 
 
 def demo(variant: str) -> TrainConfig:
-    """About a minute per model on 2 CPU cores: d=96, 4 layers, 2048-token BPE, ~1M training tokens."""
+    """Under a minute per model on 2 CPU cores: d=96, 4 layers, 2048-token BPE, 150 steps of 2048 tokens."""
     base = Base(dim=96, n_layers=4, n_heads=4, hidden_dim=256)
-    data = DataConfig(vocab_size=2048, tokenizer_train_bytes=2_000_000, max_train_bytes=8_000_000,
-                      max_eval_tokens=32_768)
+    data = DataConfig(vocab_size=2048, tokenizer_train_bytes=2_000_000, max_train_bytes=4_000_000,
+                      max_eval_tokens=16_384)
     return TrainConfig(
         preset="demo", variant=variant, model=model_config(base, variant, 2048, 128), data=data,
-        optim=OptimConfig(lr=3e-3, warmup_steps=20), steps=300, batch_size=16, seq_len=128, tokens_per_step=2048,
-        eval_every=100, ckpt_every=100, eval_tokens=16_384,
+        optim=OptimConfig(lr=3e-3, warmup_steps=15), steps=150, batch_size=16, seq_len=128, tokens_per_step=2048,
+        eval_every=50, ckpt_every=50, eval_tokens=8192,
     )
 
 
