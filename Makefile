@@ -19,6 +19,9 @@ venv: $(VENV)/.stamp
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+reproduce: venv
+	$(VENV)/bin/mhmoe reproduce --preset demo --out runs/demo
+
 parity: venv
 	$(VENV)/bin/mhmoe parity --dim 768 --hidden-dim 2048 --num-experts 8 --top-k 1 --heads 2
 	$(VENV)/bin/mhmoe parity --dim 768 --hidden-dim 2048 --num-experts 8 --top-k 1 --heads 3
