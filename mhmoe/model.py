@@ -38,6 +38,8 @@ class ModelConfig(Config):
     norm_eps: float = 1e-5
     init_std: float = 0.02
     merge_after_residual: bool = False
+    bitnet: bool = False  # BitNet b1.58 twin (Table 3): ternary weights, 8-bit activations; see mhmoe.bitnet
+    bitnet_router: bool = False  # with bitnet, quantise the MoE routers too (ablation; full precision otherwise)
 
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "moe_every"):
@@ -54,6 +56,8 @@ class ModelConfig(Config):
             raise ConfigError("ModelConfig.dense_ffn.kind: must be 'dense'")
         if self.merge_after_residual and not (self.moe_ffn.kind == "moe" and self.moe_ffn.merge_layer):
             raise ConfigError("ModelConfig.merge_after_residual: needs moe_ffn.merge_layer=true")
+        if self.bitnet_router and not self.bitnet:
+            raise ConfigError("ModelConfig.bitnet_router: only applies with bitnet=true (set model.bitnet=true first)")
 
     def is_moe_block(self, i: int) -> bool:
         """Blocks moe_every-1, 2*moe_every-1, ... (0-based) carry the MoE FFN: every second layer by default."""
@@ -169,6 +173,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if cfg.bitnet:  # swap in the BitNet modules around the initialised weights: same init as the fp model
+            from mhmoe.bitnet import convert  # local import: mhmoe.bitnet imports this module
+
+            convert(self, router=cfg.bitnet_router)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -46,8 +46,12 @@ class OptimConfig(Config):
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "two_stage"] = "cosine"
     grad_clip: float = 1.0
+    # BitNet b1.58 recipe (two_stage): the cosine until mid-training, then a drop to stage2_lr_ratio * lr and a
+    # second cosine down to min_lr; wd_off_at > 0 sets the weight decay to 0 from that fraction of the steps on.
+    stage2_lr_ratio: float = 0.33
+    wd_off_at: float = 0.0
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -56,6 +60,10 @@ class OptimConfig(Config):
             raise ConfigError(f"OptimConfig.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("OptimConfig.warmup_steps/weight_decay/grad_clip: must be >= 0 (grad_clip 0 = off)")
+        if self.schedule == "two_stage" and not self.min_lr_ratio <= self.stage2_lr_ratio <= 1:
+            raise ConfigError(f"OptimConfig.stage2_lr_ratio: must be in [min_lr_ratio, 1], got {self.stage2_lr_ratio}")
+        if not 0 <= self.wd_off_at <= 1:
+            raise ConfigError(f"OptimConfig.wd_off_at: must be in [0, 1] (0 = never), got {self.wd_off_at}")
 
 
 @dataclass(frozen=True)
@@ -114,9 +122,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return o.lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return o.lr
+    mid = cfg.steps // 2
+    if o.schedule == "two_stage" and step >= mid:  # stage 2: a lower peak, cosine down to min_lr
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - mid) / max(1, cfg.steps - mid))))
+        return o.lr * (o.min_lr_ratio + (o.stage2_lr_ratio - o.min_lr_ratio) * decay)
     progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule != "linear" else 1 - progress
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * decay)
+
+
+def weight_decay_at(step: int, cfg: TrainConfig) -> float:
+    """Weight decay of the decayed parameter group at `step`: optim.weight_decay, 0 from wd_off_at * steps on."""
+    o = cfg.optim
+    return 0.0 if o.wd_off_at > 0 and step >= o.wd_off_at * cfg.steps else o.weight_decay
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
@@ -311,6 +329,8 @@ def train(
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            if cfg.optim.wd_off_at > 0:  # group 0 is the decayed one (build_optimizer)
+                optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, cfg)
             sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "lb": 0.0, "z": 0.0, "entropy": 0.0, "dropped": 0.0}
             loads: list[torch.Tensor] = []
             for micro in range(accum):
@@ -402,6 +422,9 @@ def _periodic_eval(model, cfg, step, run_dir, tok, root, cache, corpora, device,
         f.write(json.dumps(rec) + "\n")
 
 
+RUNTIME_FIELDS = ("threads", "compile", "keep_checkpoints")
+
+
 def _check_same_config(stored: Path, cfg: TrainConfig) -> None:
     from mhmoe.cli import UserError
 
@@ -411,6 +434,9 @@ def _check_same_config(stored: Path, cfg: TrainConfig) -> None:
     except ValueError as e:
         raise UserError(f"{stored}: unreadable run config ({e}); restore it or use a new --out") from None
     new = json.loads(cfg.to_json())
+    for key in RUNTIME_FIELDS:  # how to run, not what is trained: may change between invocations
+        old.pop(key, None)
+        new.pop(key, None)
 
     def diff(a: Any, b: Any, path: str = "") -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -461,9 +487,13 @@ def load_config(run_dir: Path) -> TrainConfig:
 
 def load_run_for_eval(run_dir: Path, step: int | None = None, data_root: str | None = None,
                       cache_dir: str | None = None) -> LoadedRun:
-    """The run's model at `step` (or its newest good checkpoint), on the run's device, in eval mode."""
+    """The run's model at `step` (or its newest good checkpoint), on the run's device, in eval mode; for a
+    `mhmoe export` directory, its integer ternary model on the CPU."""
     from mhmoe.checkpoint import list_checkpoints, verify
+    from mhmoe.export import is_export_dir, load_exported_run
 
+    if is_export_dir(run_dir):  # `mhmoe export` output: the packed ternary model on the integer CPU path
+        return load_exported_run(Path(run_dir), step, data_root, cache_dir)
     cfg = load_config(run_dir)
     if step is None:
         found = latest_good_checkpoint(run_dir)
