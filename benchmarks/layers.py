@@ -295,13 +295,15 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command_line(),
         "tokens": args.tokens, "dim": args.dim, "rounds": args.rounds,
         "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+        "loadavg_start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     if not args.json:
-        for k in ("date", "command", "cpu", "cores", "torch", "python", "threads", "tokens", "dim", "rounds"):
+        for k in ("date", "command", "cpu", "cores", "torch", "python", "threads", "tokens", "dim", "rounds",
+                  "loadavg_start"):
             print(f"# {k}: {meta[k]}")
         cfgs = variants(args.dim)
         for name, c in cfgs.items():
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in dtypes:
         records += bench_dtype(args, dtype, log)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    meta["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
 
     if args.json:
         print(json.dumps({"meta": meta, "records": records}, indent=1))
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in ("fwd", "fwd+bwd"):
             print(format_table(records, str(dtype).removeprefix("torch."), mode))
             print()
-    print(f"# wall: {meta['wall_s']} s")
+    print(f"# wall: {meta['wall_s']} s, loadavg at end: {meta['loadavg_end']} (other processes slow the timings)")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def quantize_weight(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, tor
     """(levels W~ in {-1, 0, 1} as float32 with the straight-through gradient of W / gamma, gamma [groups])."""
     gamma = absmean_scale(w, groups)
     scaled = (w.float().reshape(groups, -1) / gamma[:, None]).reshape(w.shape)
+    if not scaled.requires_grad:
+        return scaled.round_().clamp_(-1, 1), gamma
     return _ste(scaled, scaled.detach().round().clamp(-1, 1)), gamma
 
 
@@ -86,14 +88,24 @@ def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     x must be float32 (callers quantise in float32 under autocast).
     """
-    s = ACT_MAX / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    xd = x.detach()  # max|x| without materialising |x| (and amin + amax beat torch.aminmax 10x on CPU)
+    s = ACT_MAX / torch.maximum(-xd.amin(dim=-1, keepdim=True), xd.amax(dim=-1, keepdim=True)).clamp(min=EPS)
     scaled = x * s
+    if not scaled.requires_grad:  # inference: in place, same values
+        return scaled.round_().clamp_(-ACT_MAX, ACT_MAX), s
     return _ste(scaled, scaled.detach().round().clamp(-ACT_MAX, ACT_MAX)), s
 
 
-def dequant(acc: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-    """acc = x~ @ W~ (integer-valued float32, [..., M]) -> acc * gamma / s; one formula for both paths."""
-    return acc * (w_scale / x_scale)
+def dequant(acc: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """acc = x~ @ W~ ([..., M], integer-valued float32 or int32) -> float32 acc * gamma / s.
+
+    One formula for both paths, so they round identically (an int32 acc is promoted to float32 element by element,
+    the same as acc.float()). w_scale is a scalar or [1] gamma, or [groups] for `groups` equal column blocks.
+    """
+    if groups == 1:
+        return acc * (w_scale / x_scale)
+    y = acc.unflatten(-1, (groups, -1)) * (w_scale[:, None] / x_scale[..., None])  # [..., groups, M/groups]
+    return y.flatten(-2)
 
 
 def _dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -159,10 +171,6 @@ class BitLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
 
-    def column_scale(self, gamma: torch.Tensor) -> torch.Tensor:
-        """gamma per output column: [1] for one block, else [M]."""
-        return gamma if self.groups == 1 else gamma.repeat_interleave(self.out_features // self.groups)
-
     def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 levels [M, K], gamma [groups] float32): what the integer model and the export store."""
         with torch.no_grad():
@@ -178,7 +186,7 @@ class BitLinear(nn.Module):
             qx, sx = quantize_act(x32)
             qw, gamma = quantize_weight(self.weight, self.groups)
             acc = F.linear(qx.to(mm), qw.to(mm)).float()
-            return dequant(acc, self.column_scale(gamma), sx).to(out)
+            return dequant(acc, gamma, sx, self.groups).to(out)
 
 
 class ExpertRMSNorm(nn.Module):
@@ -359,8 +367,6 @@ class IntBitLinear(nn.Module):
         # Buffers outside the state dict: a loaded model's state dict is exactly the full-precision tensors.
         self.register_buffer("weight_q", levels.to(torch.int8).contiguous(), persistent=False)
         self.register_buffer("weight_scale", scale.float().reshape(groups), persistent=False)
-        self.register_buffer("col_scale", self.weight_scale if groups == 1 else
-                             self.weight_scale.repeat_interleave(self.out_features // groups), persistent=False)
         self.norm = norm
 
     def extra_repr(self) -> str:
@@ -372,7 +378,7 @@ class IntBitLinear(nn.Module):
             x32 = F.rms_norm(x32, (self.in_features,), self.norm.weight.float(), self.norm.eps)
         qx, sx = quantize_act(x32)
         acc = int8_matmul(qx.to(torch.int8).reshape(-1, self.in_features), self.weight_q.t(), 1)
-        return dequant(acc.float().reshape(*x.shape[:-1], self.out_features), self.col_scale, sx)
+        return dequant(acc.reshape(*x.shape[:-1], self.out_features), self.weight_scale, sx, self.groups)
 
 
 class IntBitExperts(BitExperts):
@@ -403,9 +409,9 @@ class IntBitExperts(BitExperts):
         for qxe, sxe, w13, w2, a1, a3, a2, gain in groups:
             if qxe.shape[0] == 0:
                 continue
-            acc = int8_matmul(qxe, w13, 1).float()  # [n, 2F]
+            acc = int8_matmul(qxe, w13, 1)  # [n, 2F] int32
             qh, sh = _expert_rows(qxe, sxe, (acc[:, :Fh], acc[:, Fh:]), a1, a3, gain, self.eps)
-            outs.append(dequant(int8_matmul(qh.to(torch.int8), w2, 1).float(), a2, sh))
+            outs.append(dequant(int8_matmul(qh.to(torch.int8), w2, 1), a2, sh))
         if not outs:
             return xs.new_zeros(0, self.in_dim, dtype=torch.float32)
         return torch.cat(outs, dim=0)
@@ -423,8 +429,24 @@ class IntBitRouter(TopKRouter):
 
     def forward(self, x: torch.Tensor) -> Routing:
         qx, sx = quantize_act(x.float())
-        acc = int8_matmul(qx.to(torch.int8), self.weight_q.t(), 1).float()
+        acc = int8_matmul(qx.to(torch.int8), self.weight_q.t(), 1)
         return _route(self, dequant(acc, self.weight_scale, sx))
+
+
+class IntSwiGLU(nn.Module):
+    """Inference twin of a BitNet SwiGLU: w1 and w3 fused into one int8 matmul (groups=2, each keeps its gamma),
+    so the shared input is quantised once; the values are those of the two separate projections."""
+
+    def __init__(self, w1: tuple[torch.Tensor, torch.Tensor], w3: tuple[torch.Tensor, torch.Tensor],
+                 w2: tuple[torch.Tensor, torch.Tensor], w2_norm: RMSNorm | None) -> None:
+        super().__init__()
+        self.hidden_dim = w1[0].shape[0]
+        self.w13 = IntBitLinear(torch.cat([w1[0], w3[0]]), torch.cat([w1[1].reshape(1), w3[1].reshape(1)]), 2)
+        self.w2 = IntBitLinear(*w2, 1, w2_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
+        h = self.w13(x).unflatten(-1, (2, self.hidden_dim))
+        return self.w2(F.silu(h[..., 0, :]) * h[..., 1, :])
 
 
 def ternary_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -453,10 +475,17 @@ def integerize(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Te
         used.add(key)
         return weights[key]
 
+    replaced: list[str] = []
     for name, mod in list(model.named_modules()):
         prefix = f"{name}." if name else ""
+        if any(name.startswith(r) for r in replaced):
+            continue  # inside a module swapped as a whole
         new: nn.Module | None = None
-        if isinstance(mod, BitLinear):
+        if isinstance(mod, SwiGLU) and all(isinstance(getattr(mod, w), BitLinear) for w in ("w1", "w3", "w2")):
+            if mod.w1.norm is None and mod.w3.norm is None:
+                new = IntSwiGLU(*(take(f"{prefix}{w}.weight") for w in ("w1", "w3", "w2")), mod.w2.norm)
+                replaced.append(prefix)
+        elif isinstance(mod, BitLinear):
             levels, scale = take(f"{prefix}weight")
             new = IntBitLinear(levels, scale, mod.groups, mod.norm)
         elif isinstance(mod, BitExperts) and not isinstance(mod, IntBitExperts):

@@ -182,14 +182,14 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[st
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR: {run_dir} is not a directory; pass the --out of a `mhmoe train` run")
-    cfg = load_config(run_dir)
-    if not cfg.model.bitnet:
-        raise UserError(f"RUN_DIR: {run_dir} is not a BitNet run (model.bitnet is false); only ternary models "
-                        "can be packed: train one with --set model.bitnet=true")
     if out_dir.resolve() == run_dir.resolve():
         raise UserError("OUT: must differ from RUN_DIR")
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_export_dir(out_dir))):
         raise UserError(f"OUT: {out_dir} exists and is not an earlier export; choose a new folder")
+    cfg = load_config(run_dir)
+    if not cfg.model.bitnet:
+        raise UserError(f"RUN_DIR: {run_dir} is not a BitNet run (model.bitnet is false); only ternary models "
+                        "can be packed: train one with --set model.bitnet=true")
     if step is None:
         found = latest_good_checkpoint(run_dir)
         if found is None:

@@ -139,12 +139,22 @@ def _eval_cached(run_dir: Path, step: int, cfg: TrainConfig, data_root, cache_di
 
 
 def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: bool = True,  # noqa: ANN001
-            log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Train and evaluate every planned run (skipping finished work); returns {run_id: info}."""
+            log: Callable[[str], None] = print, report_only: bool = False) -> dict[str, dict[str, Any]]:
+    """Train and evaluate every planned run (skipping finished work); returns {run_id: info}.
+
+    report_only: train nothing; evaluate and report the runs that have reached their last step.
+    """
+    from mhmoe.checkpoint import latest_good_checkpoint
+
     results: dict[str, dict[str, Any]] = {}
     durations: list[float] = []
     for i, r in enumerate(runs):
         run_dir = out / "runs" / r.run_id
+        if report_only:
+            found = latest_good_checkpoint(run_dir) if run_dir.is_dir() else None
+            if found is None or found[0] < r.cfg.steps:
+                log(f"[{i + 1}/{len(runs)}] {r.run_id}: not finished, left out of the report")
+                continue
         remaining = len(runs) - i
         eta = f", matrix ETA ~{statistics.mean(durations) * remaining / 60:.1f} min" if durations else ""
         log(f"[{i + 1}/{len(runs)}] {r.run_id}: {r.cfg.steps} steps of {r.cfg.tokens_per_step:,} tokens{eta}")
@@ -155,19 +165,17 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
         spent = time.time() - t0
         if state.wall_s > 5 and state.step > 0:
             durations.append(spent)
-        wall = _record_wall(run_dir, spent)
-        results[r.run_id] = {"run": r, "evals": evals, "wall_s": wall}
+        results[r.run_id] = {"run": r, "evals": evals, "wall_s": train_wall(run_dir)}
     return results
 
 
-def _record_wall(run_dir: Path, spent: float) -> float:
-    """Accumulated wall time of a run across invocations (training + its evaluations)."""
-    path = run_dir / "wall.json"
-    total = spent
+def train_wall(run_dir: Path) -> float:
+    """Seconds spent training a run (all invocations); for runs without a record, the sum of step times."""
+    path = run_dir / "train_wall.json"
     if path.is_file():
-        total += json.loads(path.read_text(encoding="utf-8")).get("wall_s", 0.0)
-    atomic_write_text(path, json.dumps({"wall_s": total}))
-    return total
+        return float(json.loads(path.read_text(encoding="utf-8"))["wall_s"])
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return sum(r["tokens"] / r["step"] / r["tok_per_s"] for r in recs if r.get("tok_per_s"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,7 +447,7 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
     verdict = verdicts(recs, tables)
     md = render_tables(recs, tables, preset, verdict)
     walls = "\n".join(f"| {rid} | {info['wall_s']:.0f} |" for rid, info in results.items())
-    md += "\n## Wall time per run (training + evaluation, seconds)\n\n| run | wall s |\n|---|---|\n" + walls + "\n"
+    md += "\n## Training wall time per run (seconds)\n\n| run | wall s |\n|---|---|\n" + walls + "\n"
     atomic_write_text(out / "tables.md", md)
     atomic_write_text(out / "results.json", json.dumps(
         {"preset": preset, "tables": tables, "records": recs,
@@ -481,7 +489,7 @@ def _cli(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = args.cache_dir or str(out / "cache")
     results = execute(runs, out, args.data_root, cache, progress=not args.no_progress,
-                      log=lambda m: print(m, flush=True))
+                      log=lambda m: print(m, flush=True), report_only=args.report_only)
     md = report(results, out, tables, args.preset)
     print(md)
     print(f"wrote {out / 'tables.md'}, {out / 'results.json'} and {out / 'plots'}/")
@@ -498,5 +506,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="corpora folder (default: $MHMOE_DATA_ROOT)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: OUT/cache)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: evaluate and report the runs that are finished (partial tables)")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
     p.set_defaults(func=_cli)

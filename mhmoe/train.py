@@ -401,6 +401,8 @@ def train(
             pbar.close()
         if writer is not None:
             writer.close()
+        if rank == 0:
+            _add_wall(run_dir / "train_wall.json", time.time() - t_start)
     final = stop_at
     return RunState(final, final >= cfg.steps, last_loss, time.time() - t_start)
 
@@ -420,6 +422,16 @@ def _periodic_eval(model, cfg, step, run_dir, tok, root, cache, corpora, device,
         writer.add_scalar(f"val/{name}", r["loss"], step)
     with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+def _add_wall(path: Path, seconds: float) -> None:
+    """Accumulate the wall time spent training a run over all its invocations (interruptions included)."""
+    total = seconds
+    try:
+        total += json.loads(path.read_text(encoding="utf-8"))["wall_s"]
+    except (OSError, ValueError, KeyError):
+        pass
+    atomic_write_text(path, json.dumps({"wall_s": total}))
 
 
 RUNTIME_FIELDS = ("threads", "compile", "keep_checkpoints")
