@@ -2,14 +2,17 @@
 
 Every model of the paper gets a BitNet twin through one entry point, `convert(model)` (or `ModelConfig.bitnet`,
 which calls it at the end of `Transformer.__init__`, after the initialisation, so the twin starts from exactly the
-weights of the full-precision model with the same seed).
+weights of the full-precision model with the same seed): `mhmoe train --set model.bitnet=true`. The recipe's
+schedule is `--set optim.schedule=two_stage --set optim.wd_off_at=0.5` with a higher optim.lr (mhmoe.train).
 
-Quantisation (b1.58, per forward, in float32 whatever autocast says):
+Quantisation (b1.58, per forward; scales and roundings in float32 whatever autocast says, the matmul of the levels
+in autocast's dtype, which holds levels up to 127 exactly):
     weights      gamma = max(mean|W|, eps) per matrix (per expert for stacked expert weights, per q/k/v block
                  for the fused qkv projection); levels W~ = clip(round(W / gamma), -1, 1); W_q = gamma * W~
     activations  s = 127 / max(max|x|, eps) per token (row), no zero point; levels x~ = clip(round(x s), -127, 127)
     matmul       y = (x~ @ W~^T) * gamma / s: the integer-valued product is formed first, then rescaled, so the
-                 fake-quant forward computes exactly what the integer kernels of `IntBitLinear` compute
+                 fake-quant forward computes exactly what the integer kernels of `IntBitLinear` compute (in
+                 float32 the integer sums are exact for K < 132,104 inputs)
     gradients    straight-through for both quantisers (d x~/dx = s, d W~/dW = 1/gamma, hence dy/dx = W_q and
                  dy/dW = g^T x_q as for x + (q(x) - x).detach()); the scales are computed from detached tensors
 Replaced: attention qkv/out, dense SwiGLU w1/w3/w2, every routed expert, the shared expert, MH-MoE head and merge
@@ -29,11 +32,12 @@ only where an input is not already normalised; all sub-norms live inside the Bit
                                                                                   (one gain vector per expert)
     merge                   input = y' (concatenated expert outputs), or x + y'
                             with merge_after_residual                             sub-norm  merge.norm        [D]
-    router (router=True)    input = the raw sub-token, quantised without a norm (it feeds the fp router too)
+    router (router=True)    input = the raw sub-token, quantised without a norm (as the fp model's router sees it)
 
 Integer inference: `to_integer(model)` (or `mhmoe.export.integer_model` from a packed file) swaps each BitNet module
-for an `Int*` twin holding int8 levels and float32 scales; activations are quantised per token to int8 and every
-matmul is `int8_matmul` (torch._int_mm, int32 accumulation), so its logits equal the fake-quant model's.
+for an `Int*` twin holding int8 levels and float32 scales (a SwiGLU's w1 and w3 fused into one matmul);
+activations are quantised per token to int8 and every matmul is `int8_matmul` (torch._int_mm, int32 accumulation);
+MoE rows stay sorted by expert, one int8 matmul per group. Its logits equal the fake-quant model's bit for bit.
 
 Shape legend: N rows (tokens or sub-tokens), K input width, M output width, D model dim, F hidden, E experts.
 """
@@ -109,8 +113,9 @@ def dequant(acc: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor, gro
 
 
 def _dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(matmul dtype, output dtype): autocast's dtype when it is on (integer levels up to 127 are exact in bf16 and
-    fp16, only the products round), else float32 for the matmul and the input's dtype for the output."""
+    """(matmul dtype, output dtype): autocast's dtype when it is on (levels up to 127 are exact in bf16 and fp16 and
+    the sums accumulate in float32; only the output rounds), else float32 for the matmul, where the integer sums are
+    exact up to 2^24 (K < 132,104 inputs), and the input's dtype for the output."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -198,10 +203,11 @@ class ExpertRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_experts, dim))
 
 
-def _expert_rows(qx: torch.Tensor, sx: torch.Tensor, acc13: tuple[torch.Tensor, torch.Tensor],
-                 g1: torch.Tensor, g3: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the two integer-valued products x~ W1~, x~ W3~ of one expert's rows: the quantised w2 input (levels,
-    scale). Shared by the fake-quant and the integer experts so both round identically."""
+def _expert_rows(sx: torch.Tensor, acc13: tuple[torch.Tensor, torch.Tensor], g1: torch.Tensor, g3: torch.Tensor,
+                 gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the integer-valued products x~ W1~, x~ W3~ of expert rows (input scales sx, the experts' gammas and
+    w2_norm gains, per group or per row): the quantised w2 input (levels, scale). Shared by the fake-quant and
+    the integer experts so both round identically."""
     h = F.silu(dequant(acc13[0], g1, sx)) * dequant(acc13[1], g3, sx)  # [n, F]
     h = F.rms_norm(h, (h.shape[-1],), None, eps) * gain
     return quantize_act(h)
@@ -262,18 +268,17 @@ class BitExperts(Experts):
                 offs = torch.cumsum(counts, 0).to(torch.int32)
                 row_e = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=S)  # [S']
                 acc = [F.grouped_mm(qx.to(mm), q.to(mm), offs=offs).float() for q in (q1, q3)]
-                qh, sh = _expert_rows(qx, sx, acc, g1[row_e, None], g3[row_e, None], gains[row_e], self.eps)
+                qh, sh = _expert_rows(sx, acc, g1[row_e, None], g3[row_e, None], gains[row_e], self.eps)
                 y = dequant(F.grouped_mm(qh.to(mm), q2.to(mm), offs=offs).float(), g2[row_e, None], sh)
                 return y.to(out)
             sizes = counts.tolist()  # the one host sync of the layer
             outs = []
-            groups = zip(qx.split(sizes), sx.split(sizes), q1.unbind(0), q3.unbind(0), q2.unbind(0),
-                         g1.unbind(0), g3.unbind(0), g2.unbind(0), gains.unbind(0))
+            groups = zip(qx.to(mm).split(sizes), sx.split(sizes), q1.to(mm).unbind(0), q3.to(mm).unbind(0),
+                         q2.to(mm).unbind(0), g1.unbind(0), g3.unbind(0), g2.unbind(0), gains.unbind(0))
             for qxe, sxe, w1, w3, w2, a1, a3, a2, gain in groups:
                 if qxe.shape[0] == 0:
                     continue
-                acc = ((qxe.to(mm) @ w1.to(mm)).float(), (qxe.to(mm) @ w3.to(mm)).float())
-                qh, sh = _expert_rows(qxe, sxe, acc, a1, a3, gain, self.eps)
+                qh, sh = _expert_rows(sxe, ((qxe @ w1).float(), (qxe @ w3).float()), a1, a3, gain, self.eps)
                 outs.append(dequant((qh.to(mm) @ w2.to(mm)).float(), a2, sh))
             if not outs:
                 return xs.new_zeros(0, self.in_dim, dtype=out)
@@ -399,22 +404,22 @@ class IntBitExperts(BitExperts):
             self.register_buffer(f"{name}_scale", levels[name][1].float().reshape(E), persistent=False)
 
     def _run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        Fh = self.hidden_dim
+        # Only the int8 matmuls run per expert group; quantisation, rescaling and the norm are row-wise, so they run
+        # once over all rows with each row's expert scales and gains (the same values as per group).
+        Fh, S = self.hidden_dim, xs.shape[0]
+        sizes = counts.tolist()
         qx, sx = quantize_act(xs.float())
         qx = qx.to(torch.int8)
-        outs = []
-        groups = zip(qx.split(counts.tolist()), sx.split(counts.tolist()), self.w13_q.unbind(0), self.w2_q.unbind(0),
-                     self.w1_scale.unbind(0), self.w3_scale.unbind(0), self.w2_scale.unbind(0),
-                     self.w2_norm.weight.float().unbind(0))
-        for qxe, sxe, w13, w2, a1, a3, a2, gain in groups:
-            if qxe.shape[0] == 0:
-                continue
-            acc = int8_matmul(qxe, w13, 1)  # [n, 2F] int32
-            qh, sh = _expert_rows(qxe, sxe, (acc[:, :Fh], acc[:, Fh:]), a1, a3, gain, self.eps)
-            outs.append(dequant(int8_matmul(qh.to(torch.int8), w2, 1), a2, sh))
-        if not outs:
-            return xs.new_zeros(0, self.in_dim, dtype=torch.float32)
-        return torch.cat(outs, dim=0)
+        row_e = torch.repeat_interleave(torch.arange(self.num_experts, device=xs.device), counts, output_size=S)
+
+        def grouped(a: torch.Tensor, w: torch.Tensor, cols: int) -> torch.Tensor:  # a: [S', K] sorted by expert
+            parts = [int8_matmul(ae, we, 1) for ae, we in zip(a.split(sizes), w.unbind(0)) if ae.shape[0]]
+            return torch.cat(parts) if parts else a.new_zeros(0, cols, dtype=torch.int32)
+
+        acc = grouped(qx, self.w13_q, 2 * Fh)  # [S', 2F] int32
+        qh, sh = _expert_rows(sx, (acc[:, :Fh], acc[:, Fh:]), self.w1_scale[row_e, None],
+                              self.w3_scale[row_e, None], self.w2_norm.weight.float()[row_e], self.eps)
+        return dequant(grouped(qh.to(torch.int8), self.w2_q, self.in_dim), self.w2_scale[row_e, None], sh)
 
 
 class IntBitRouter(TopKRouter):

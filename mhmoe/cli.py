@@ -104,4 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so `python -m mhmoe.cli` catches the same UserError class as submodules.
+    from mhmoe.cli import main as _main
+
+    sys.exit(_main())
