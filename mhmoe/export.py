@@ -228,6 +228,16 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[st
 
 
 def _cli(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        try:
+            from mhmoe.hf import describe_hf_export, export_hf  # needs the optional transformers extra
+        except ImportError as e:
+            from mhmoe.cli import UserError
+
+            raise UserError(f"--format hf: needs transformers ({e}); pip install '.[hf]'") from None
+        report = export_hf(args.run_dir, args.out, args.step)
+        print(json.dumps(report, indent=2) if args.json else describe_hf_export(report))
+        return 0
     report = export_run(Path(args.run_dir), Path(args.out), args.step)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -244,11 +254,12 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="pack a BitNet run's ternary weights (2 bits each) for integer CPU inference")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `mhmoe train` run with model.bitnet=true")
-    p.add_argument("out", metavar="OUT", help="output folder (then: mhmoe eval OUT)")
-    p.add_argument("--format", default="ternary", choices=["ternary"],
-                   help="ternary: 2-bit packed weights + fp32 scales and full-precision tensors (default)")
+    p = sub.add_parser("export", help="export a run: packed ternary BitNet weights, or a Hugging Face model dir")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `mhmoe train` run (model.bitnet=true for ternary)")
+    p.add_argument("out", metavar="OUT", help="output folder (ternary: then `mhmoe eval OUT`)")
+    p.add_argument("--format", default="ternary", choices=["ternary", "hf"],
+                   help="ternary: 2-bit packed weights + fp32 scales and full-precision tensors (default); "
+                        "hf: save_pretrained directory for transformers' AutoModelForCausalLM (with the tokenizer)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest good one)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cli)

@@ -114,8 +114,9 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
                     runs[rid].tables.append(t)
                     continue
                 cfg = resolve_config(preset_name, row.variant, list(overrides or [])).replace(seed=SEED_BASE + s)
-                if row.bitnet:
-                    cfg = cfg.override("model.bitnet", True)
+                if row.bitnet:  # the b1.58 recipe: two-stage LR, weight decay off from mid-training
+                    cfg = (cfg.override("model.bitnet", True).override("optim.schedule", "two_stage")
+                           .override("optim.wd_off_at", 0.5))
                 runs[rid] = PlannedRun(rid, row, s, cfg, [t])
     return list(runs.values())
 
