@@ -112,6 +112,22 @@ def latest_good_checkpoint(run_dir: Path, max_step: int | None = None) -> tuple[
     return None
 
 
+def find_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, Path]:
+    """(step, dir) of checkpoint `step`, or of the newest good one; CheckpointError (one line) otherwise."""
+    if step is None:
+        found = latest_good_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(f"RUN_DIR: {run_dir} has no usable checkpoint yet; train it first")
+        return found
+    ckpts = dict(list_checkpoints(run_dir))
+    if step not in ckpts:
+        raise CheckpointError(f"--step: no checkpoint at step {step} in {run_dir}; available: {sorted(ckpts)}")
+    problem = verify(ckpts[step])
+    if problem:
+        raise CheckpointError(f"--step: checkpoint {ckpts[step]} is unusable ({problem})")
+    return step, ckpts[step]
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)

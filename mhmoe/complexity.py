@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mhmoe.ffn import FFNConfig
+
+if TYPE_CHECKING:  # model.py imports ffn.py too; only the annotations need it here
+    from mhmoe.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -296,7 +300,7 @@ SMOE_PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def model_param_count(cfg: "ModelConfig") -> dict[str, int]:  # noqa: F821 - imported lazily (cycle)
+def model_param_count(cfg: "ModelConfig") -> dict[str, int]:
     """Exact parameters of `Transformer(cfg)` (tied embedding counted once), and those active per token."""
     d, L = cfg.dim, cfg.n_layers
     embed = cfg.vocab_size * d
@@ -313,7 +317,7 @@ def model_param_count(cfg: "ModelConfig") -> dict[str, int]:  # noqa: F821 - imp
             "non_embedding": total - embed - head}
 
 
-def model_flops_per_token(cfg: "ModelConfig", seq_len: int | None = None) -> int:  # noqa: F821
+def model_flops_per_token(cfg: "ModelConfig", seq_len: int | None = None) -> int:
     """Forward matmul FLOPs per token of `Transformer(cfg)`: projections, FFNs, LM head, and (if seq_len is
     given) the causal attention scores and values, 2 * 2 * D * (seq_len + 1) / 2 per layer on average."""
     d, L = cfg.dim, cfg.n_layers

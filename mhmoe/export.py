@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from mhmoe.bitnet import integerize, ternary_weights
-from mhmoe.checkpoint import CheckpointError, atomic_write_text, latest_good_checkpoint, load_model_weights
+from mhmoe.checkpoint import CheckpointError, atomic_write_text, find_checkpoint, load_model_weights
 from mhmoe.model import ModelConfig, Transformer
 
 FORMAT = "mhmoe-ternary"
@@ -175,7 +175,6 @@ def _bf16_size(model: Transformer) -> int:
 
 def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[str, Any]:
     """Write OUT (see the module docstring) from the run's checkpoint at `step` (default: newest good one)."""
-    from mhmoe.checkpoint import list_checkpoints, verify
     from mhmoe.cli import UserError
     from mhmoe.train import load_config
 
@@ -190,19 +189,7 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[st
     if not cfg.model.bitnet:
         raise UserError(f"RUN_DIR: {run_dir} is not a BitNet run (model.bitnet is false); only ternary models "
                         "can be packed: train one with --set model.bitnet=true")
-    if step is None:
-        found = latest_good_checkpoint(run_dir)
-        if found is None:
-            raise CheckpointError(f"RUN_DIR: {run_dir} has no usable checkpoint yet; train it first")
-        step, ckpt = found
-    else:
-        ckpts = dict(list_checkpoints(run_dir))
-        if step not in ckpts:
-            raise CheckpointError(f"--step: no checkpoint at step {step} in {run_dir}; available: {sorted(ckpts)}")
-        ckpt = ckpts[step]
-        problem = verify(ckpt)
-        if problem:
-            raise CheckpointError(f"--step: checkpoint {ckpt} is unusable ({problem})")
+    step, ckpt = find_checkpoint(run_dir, step)
     with torch.random.fork_rng(devices=[]):
         model = Transformer(cfg.model)
     load_model_weights(model, ckpt)

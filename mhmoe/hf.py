@@ -310,7 +310,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     gives the native model's logits.
     Returns a report: source_run, step, out, parameters, bytes of model.safetensors.
     """
-    from mhmoe.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_model_weights, verify
+    from mhmoe.checkpoint import find_checkpoint, load_model_weights
     from mhmoe.cli import UserError
     from mhmoe.train import load_config
 
@@ -325,19 +325,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file())):
         raise UserError(f"OUT: {out_dir} exists and is not an earlier hf export; choose a new folder")
     cfg = load_config(run_dir)
-    if step is None:
-        found = latest_good_checkpoint(run_dir)
-        if found is None:
-            raise CheckpointError(f"RUN_DIR: {run_dir} has no usable checkpoint yet; train it first")
-        step, ckpt = found
-    else:
-        ckpts = dict(list_checkpoints(run_dir))
-        if step not in ckpts:
-            raise CheckpointError(f"--step: no checkpoint at step {step} in {run_dir}; available: {sorted(ckpts)}")
-        ckpt = ckpts[step]
-        problem = verify(ckpt)
-        if problem:
-            raise CheckpointError(f"--step: checkpoint {ckpt} is unusable ({problem})")
+    step, ckpt = find_checkpoint(run_dir, step)
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
         native = Transformer(cfg.model)
     load_model_weights(native, ckpt)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mhmoe.checkpoint import (
-    CheckpointError, atomic_write_text, latest_good_checkpoint, load_model_weights, prune, save_checkpoint,
+    atomic_write_text, find_checkpoint, latest_good_checkpoint, load_model_weights, prune, save_checkpoint,
 )
 from mhmoe.configbase import Config, ConfigError
 from mhmoe.data import DataConfig, Tokenizer, build_tokenizer, resolve_data_root, tokenize_corpus
@@ -501,25 +501,12 @@ def load_run_for_eval(run_dir: Path, step: int | None = None, data_root: str | N
                       cache_dir: str | None = None) -> LoadedRun:
     """The run's model at `step` (or its newest good checkpoint), on the run's device, in eval mode; for a
     `mhmoe export` directory, its integer ternary model on the CPU."""
-    from mhmoe.checkpoint import list_checkpoints, verify
     from mhmoe.export import is_export_dir, load_exported_run
 
     if is_export_dir(run_dir):  # `mhmoe export` output: the packed ternary model on the integer CPU path
         return load_exported_run(Path(run_dir), step, data_root, cache_dir)
     cfg = load_config(run_dir)
-    if step is None:
-        found = latest_good_checkpoint(run_dir)
-        if found is None:
-            raise CheckpointError(f"RUN_DIR: {run_dir} has no usable checkpoint yet; train it first")
-        step, ckpt = found
-    else:
-        ckpts = dict(list_checkpoints(run_dir))
-        if step not in ckpts:
-            raise CheckpointError(f"--step: no checkpoint at step {step} in {run_dir}; available: {sorted(ckpts)}")
-        ckpt = ckpts[step]
-        problem = verify(ckpt)
-        if problem:
-            raise CheckpointError(f"--step: checkpoint {ckpt} is unusable ({problem})")
+    step, ckpt = find_checkpoint(run_dir, step)
     device = resolve_device(cfg)
     model = Transformer(cfg.model)
     load_model_weights(model, ckpt)

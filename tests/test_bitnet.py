@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import shared_data_root
 from mhmoe import ConfigError
 from mhmoe.bitnet import (
-    BitExperts, BitLinear, BitRouter, IntBitExperts, IntBitLinear, absmean_scale, convert, dequant, int8_matmul,
+    BitExperts, BitLinear, BitRouter, IntBitExperts, IntBitLinear, convert, dequant, int8_matmul,
     quantize_act, quantize_weight, to_integer,
 )
 from mhmoe.checkpoint import CheckpointError
@@ -22,7 +22,7 @@ from mhmoe.evaluate import evaluate_run
 from mhmoe.export import (
     integer_model, is_export_dir, pack_ternary, read_ternary, ternary_state, unpack_ternary,
 )
-from mhmoe.model import KVCache, Transformer
+from mhmoe.model import Transformer
 from mhmoe.presets import Base, model_config, preset
 from mhmoe.router import TopKRouter
 from mhmoe.train import TrainConfig, lr_at, load_run_for_eval, train, weight_decay_at

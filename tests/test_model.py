@@ -5,7 +5,7 @@ import torch
 
 from mhmoe import ConfigError, FFNConfig
 from mhmoe.complexity import flops_per_token, model_param_count
-from mhmoe.model import ModelConfig, Transformer
+from mhmoe.model import Transformer
 from mhmoe.presets import PAPER_VARIANTS, Base, model_config, preset, variant_ffn
 
 BASE = Base(dim=48, n_layers=4, n_heads=4, hidden_dim=128, num_experts=4)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import shared_data_root
 from mhmoe.checkpoint import list_checkpoints
