@@ -99,7 +99,8 @@ class PlannedRun:
 
 
 def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] | None = None) -> list[PlannedRun]:
-    """The unique runs the chosen tables need, in table order; identical configurations are planned once."""
+    """The unique runs the chosen tables need, identical configurations planned once: every run of seed 0 in
+    table order, then every run of seed 1, ..., so that a matrix stopped early already has whole tables."""
     from mhmoe.train import resolve_config
 
     runs: dict[str, PlannedRun] = {}
@@ -117,7 +118,7 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
                     cfg = (cfg.override("model.bitnet", True).override("optim.schedule", "two_stage")
                            .override("optim.wd_off_at", 0.5))
                 runs[rid] = PlannedRun(rid, row, s, cfg, [t])
-    return list(runs.values())
+    return sorted(runs.values(), key=lambda r: r.seed)  # stable: table order within a seed
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ def test_plan_reuses_identical_runs_across_tables():
     assert len(ids) == len(set(ids))
     # T1: 5 variants; T4 adds smoe-hm, fine-grained-hm, mhmoe-h2-nohm; T5 adds -nomerge, -nohead. x 2 seeds.
     assert len(runs) == (5 + 3 + 2) * 2
+    # Seed-major order: a matrix stopped half-way already holds every table for seed 0.
+    assert [r.seed for r in runs] == [0] * 10 + [1] * 10 and ids[:2] == ["dense-s0", "smoe-s0"]
     by_id = {r.run_id: r for r in runs}
     assert by_id["mhmoe-h2-s0"].tables == [1, 4, 5] and by_id["smoe-s1"].tables == [1, 4]
     assert by_id["mhmoe-h2-s1"].cfg.seed == by_id["mhmoe-h2-s0"].cfg.seed + 1
