@@ -12,6 +12,9 @@ import sys
 from typing import Sequence
 
 
+MALLOC_TUNED = False  # whether main() applied tune_glibc_malloc (benchmarks record it)
+
+
 class UserError(Exception):
     """An error in what the user asked for; printed as one line without a traceback."""
 
@@ -107,7 +110,8 @@ def tune_glibc_malloc() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mhmoe` console script."""
-    tune_glibc_malloc()
+    global MALLOC_TUNED
+    MALLOC_TUNED = tune_glibc_malloc()
     from mhmoe.checkpoint import CheckpointError
     from mhmoe.configbase import ConfigError
     from mhmoe.data import DataError
