@@ -149,6 +149,19 @@ def hf_mixtral_block(smoe: MoELayer, implementation: str) -> nn.Module:
     return block.to(ex.w1.dtype)
 
 
+def _batched_mm_bytes(cfg: FFNConfig, tokens: int, dtype: torch.dtype) -> int:
+    """Memory transformers' batched_mm needs: gate_up_proj[ids] and down_proj[ids] are [S, 3 F D] copies, and
+    their gradients as much again."""
+    return 2 * tokens * cfg.top_k * 3 * cfg.hidden_dim * cfg.dim * torch.finfo(dtype).bits // 8
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Timing machinery
 
@@ -315,6 +328,11 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
         ref.load_state_dict(smoe_layer.state_dict())
         flops = flops_per_token(smoe_layer.cfg).total * args.tokens
         for name in names:
+            need = _batched_mm_bytes(smoe_layer.cfg, args.tokens, dtype) if name == "batched_mm" else 0
+            if need > _physical_memory() / 2:
+                log(f"hf-{name}: skipped (it gathers a weight copy per token: ~{need / 2**30:.0f} GiB for "
+                    f"fwd+bwd at {args.tokens} tokens, over half of this machine's memory)")
+                continue
             block = hf_mixtral_block(smoe_layer, name)
             fn = lambda t, block=block: (block(t), None)  # noqa: E731
             try:
