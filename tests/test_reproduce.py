@@ -25,6 +25,10 @@ def test_plan_reuses_identical_runs_across_tables():
     assert {r.cfg.model.moe_ffn.head_layer for r in runs if r.row.variant == "mhmoe-h2-nohead"} == {False}
     t3 = R.plan("smoke", [3], seeds=1)
     assert len(t3) == (5 if R.bitnet_available() else 0)
+    fp = {r.row.variant: r.cfg for r in runs if r.seed == 0}
+    for r in t3:  # the b1.58 recipe on top of the full-precision twin's config
+        assert r.cfg.model.bitnet and r.cfg.optim.schedule == "two_stage" and r.cfg.optim.wd_off_at == 0.5
+        assert r.cfg.optim.lr == pytest.approx(fp["smoe"].optim.lr * R.BITNET_LR_SCALE)
 
 
 def _recs(values):
