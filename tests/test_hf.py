@@ -211,6 +211,23 @@ def test_lm_eval_harness_perplexity_equals_mhmoe_eval(exported, monkeypatch):
     assert res["tokens"] == windows * seq_len
     assert harness_loss == pytest.approx(res["loss"], rel=1e-6)
 
+    # Plain loglikelihood requests (context, continuation), as multiple-choice tasks send them: the harness's
+    # log P(continuation | context) and greediness equal the native model's.
+    from lm_eval.api.instance import Instance
+
+    ctx_ids, cont_ids = toks[1:25], toks[25:33]
+    context, continuation = loaded.tokenizer.decode(ctx_ids), loaded.tokenizer.decode(cont_ids)
+    assert loaded.tokenizer.encode(context) == ctx_ids and loaded.tokenizer.encode(context + continuation) == \
+        ctx_ids + cont_ids
+    req = Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
+    (harness_ll, harness_greedy), = lm.loglikelihood([req])
+    with torch.no_grad():
+        logp = loaded.model(torch.tensor([ctx_ids + cont_ids])).logits[0].float().log_softmax(-1)  # [T, V]
+    pred = logp[len(ctx_ids) - 1 : -1]  # the positions that predict the continuation
+    native_ll = pred.gather(1, torch.tensor(cont_ids)[:, None]).sum().item()
+    assert harness_ll == pytest.approx(native_ll, rel=1e-5)
+    assert harness_greedy == bool((pred.argmax(-1) == torch.tensor(cont_ids)).all())
+
 
 def test_cli_export_format_hf(exported, capsys):
     from mhmoe.cli import main
