@@ -37,13 +37,13 @@ import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from safetensors.torch import save
 
+from mhmoe.bench import hardware
 from mhmoe.bitnet import BitLinear, IntBitLinear
 from mhmoe.export import integer_model, ternary_state
 from mhmoe.model import KVCache, Transformer
@@ -51,21 +51,6 @@ from mhmoe.presets import PRESETS
 
 FORMS = ("fp32", "bf16", "fake-quant", "int8")
 SHAPES = ("batch", "sequence", "decode")
-
-
-def hardware() -> dict[str, str]:
-    model, cores = platform.processor() or "?", str(os.cpu_count())
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = {k.strip(): v.strip() for k, v in (l.split(":", 1) for l in out.splitlines() if ":" in l)}
-        model = fields.get("Model name", model)
-        cores = f"{fields.get('CPU(s)', cores)} CPUs, {fields.get('Thread(s) per core', '?')} threads/core"
-        flags = fields.get("Flags", "").split()
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-        cores += f", {' '.join(isa) or 'no avx2'}"
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    return {"cpu": model, "cores": cores}
 
 
 def checkpoint_bytes(model: Transformer, dtype: torch.dtype) -> int:

@@ -257,7 +257,7 @@ def _hf_grads_as_ours(gr: dict) -> dict:
 
 
 def hardware() -> dict[str, str]:
-    """CPU model and core layout (lscpu), GPU name when CUDA is used."""
+    """CPU model, core layout and the matmul ISA extensions (lscpu); the GPU's name when CUDA is available."""
     model, cores = platform.processor() or "?", str(os.cpu_count())
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -265,7 +265,10 @@ def hardware() -> dict[str, str]:
         model = fields.get("Model name", model)
         cores = (f"{fields.get('CPU(s)', cores)} CPUs ({fields.get('Core(s) per socket', '?')} cores/socket x "
                  f"{fields.get('Socket(s)', '?')} sockets, {fields.get('Thread(s) per core', '?')} threads/core)")
-    except (OSError, subprocess.SubprocessError):
+        flags = fields.get("Flags", "").split()
+        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+        cores += f", {' '.join(isa) or 'no avx2'}"
+    except (OSError, subprocess.SubprocessError, ValueError):
         pass
     info = {"cpu": model, "cores": cores}
     if torch.cuda.is_available():
