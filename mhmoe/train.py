@@ -244,6 +244,8 @@ def train(
     """Train (or resume) the run in `run_dir` until cfg.steps; `stop_after` ends early after that step."""
     t_start = time.time()
     run_dir = Path(run_dir)
+    wall_path = run_dir / "train_wall.json"
+    wall0 = _read_wall(wall_path)
     rank, world = _dist_info()
     device = resolve_device(cfg)
     if world > 1 and not dist.is_initialized():
@@ -394,6 +396,7 @@ def train(
                              "step": done}
                     save_checkpoint(run_dir, done, model, state, config_json)
                     prune(run_dir, cfg.keep_checkpoints, keep)
+                    _write_wall(wall_path, wall0 + time.time() - t_start)
                 if world > 1:
                     dist.barrier()
     finally:
@@ -402,7 +405,7 @@ def train(
         if writer is not None:
             writer.close()
         if rank == 0:
-            _add_wall(run_dir / "train_wall.json", time.time() - t_start)
+            _write_wall(wall_path, wall0 + time.time() - t_start)
     final = stop_at
     return RunState(final, final >= cfg.steps, last_loss, time.time() - t_start)
 
@@ -424,14 +427,18 @@ def _periodic_eval(model, cfg, step, run_dir, tok, root, cache, corpora, device,
         f.write(json.dumps(rec) + "\n")
 
 
-def _add_wall(path: Path, seconds: float) -> None:
-    """Accumulate the wall time spent training a run over all its invocations (interruptions included)."""
-    total = seconds
+def _read_wall(path: Path) -> float:
+    """Wall seconds recorded by the earlier invocations of a run (0 for a new run)."""
     try:
-        total += json.loads(path.read_text(encoding="utf-8"))["wall_s"]
-    except (OSError, ValueError, KeyError):
-        pass
-    atomic_write_text(path, json.dumps({"wall_s": total}))
+        return float(json.loads(path.read_text(encoding="utf-8"))["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _write_wall(path: Path, seconds: float) -> None:
+    """Record the run's training wall time so far: written at every checkpoint as well as at the end, because a
+    SIGTERM/SIGKILL skips `finally` and would otherwise lose a killed invocation's time."""
+    atomic_write_text(path, json.dumps({"wall_s": seconds}))
 
 
 RUNTIME_FIELDS = ("threads", "compile", "keep_checkpoints")

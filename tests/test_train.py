@@ -90,8 +90,12 @@ def test_sigkill_mid_training_then_resume_matches(tmp_path, cache):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    # The killed invocation's training time survives (recorded with each checkpoint, not only at exit).
+    wall_killed = json.loads((tmp_path / "killed" / "train_wall.json").read_text())["wall_s"]
+    assert wall_killed > 0
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "killed" / "train_wall.json").read_text())["wall_s"] > wall_killed
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
 
 
