@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
@@ -43,7 +42,7 @@ import time
 import torch
 from safetensors.torch import save
 
-from mhmoe.bench import hardware
+from mhmoe.bench import hardware, timed_rounds
 from mhmoe.bitnet import BitLinear, IntBitLinear
 from mhmoe.export import integer_model, ternary_state
 from mhmoe.model import KVCache, Transformer
@@ -118,19 +117,11 @@ def bench_variant(args: argparse.Namespace, variant: str, log) -> dict:  # noqa:
     info["agreement_rel"] = float((got - ref).abs().max() / ref.abs().max())
     info["agreement_bitwise"] = bool(torch.equal(got, ref))
     calls = {(f, s): make_call(models[f], s, idx, info["seq_len"]) for f in FORMS for s in SHAPES}
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    rng = random.Random(0)
     with torch.no_grad():
         for fn in calls.values():  # warm-up
             for _ in range(args.warmup):
                 fn()
-        for r in range(args.rounds):
-            order = list(calls)
-            rng.shuffle(order)
-            for key in order:
-                t0 = time.perf_counter()
-                calls[key]()
-                times[key].append(time.perf_counter() - t0)
+        times = timed_rounds(calls, args.rounds, seed=0)
     info["ms"] = {f"{f}/{s}": min(times[(f, s)]) * 1e3 for f, s in calls}
     info["ms_median"] = {f"{f}/{s}": statistics.median(times[(f, s)]) * 1e3 for f, s in calls}
     log(f"  {variant}: done ({args.rounds} rounds)")
@@ -145,19 +136,11 @@ def bench_projection(args: argparse.Namespace, d_in: int, d_out: int) -> dict[st
              "int8": IntBitLinear(*bit.ternary(), 1, bit.norm)}
     x = torch.randn(args.proj_tokens, d_in)
     inputs = {f: x.to(torch.bfloat16) if f == "bf16" else x for f in forms}
-    times: dict[str, list[float]] = {f: [] for f in forms}
-    rng = random.Random(1)
     with torch.no_grad():
         for f in forms:
             for _ in range(args.warmup):
                 forms[f](inputs[f])
-        for _ in range(args.rounds):
-            order = list(forms)
-            rng.shuffle(order)
-            for f in order:
-                t0 = time.perf_counter()
-                forms[f](inputs[f])
-                times[f].append(time.perf_counter() - t0)
+        times = timed_rounds({f: (lambda f=f: forms[f](inputs[f])) for f in forms}, args.rounds, seed=1)
     return {f: min(t) * 1e3 for f, t in times.items()}
 
 

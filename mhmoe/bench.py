@@ -289,6 +289,27 @@ def _meta(args: argparse.Namespace) -> dict:
     }
 
 
+def timed_rounds(calls: dict, rounds: int, seed: int, log: Callable[[str], None] | None = None,
+                 label: str = "") -> dict:
+    """Run every callable once per round, in a fresh random order each round; {key: [seconds per round]}.
+
+    Shuffled rounds in one process spread the other tenants' load over every implementation alike.
+    """
+    times: dict = {key: [] for key in calls}
+    rng = random.Random(seed)
+    for r in range(rounds):
+        t_round = time.perf_counter()
+        order = list(calls)
+        rng.shuffle(order)
+        for key in order:
+            t = time.perf_counter()
+            calls[key]()
+            times[key].append(time.perf_counter() - t)
+        if log is not None:
+            log(f"[{label}] round {r + 1}/{rounds}: {time.perf_counter() - t_round:.1f} s")
+    return times
+
+
 def _median_ratio(ts: list[float], base: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ts, base))
 
@@ -384,20 +405,9 @@ def bench_layers(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[
                 for mode in args.modes:
                     peak[(im.variant, im.impl, mode)] = peak_memory_mb(
                         im.module, lambda im=im, mode=mode: _run(im, mode, x, grad_of[im.variant]))
-        times: dict[tuple[str, str, str], list[float]] = {(m, im.variant, im.impl): [] for m in args.modes
-                                                          for im in impls}
-        rng = random.Random(args.seed)
-        for r in range(args.rounds):
-            t_round = time.perf_counter()
-            jobs = [(m, im) for m in args.modes for im in impls]
-            rng.shuffle(jobs)
-            for mode, im in jobs:
-                t = time.perf_counter()
-                _run(im, mode, x, grad_of[im.variant])
-                times[(mode, im.variant, im.impl)].append(time.perf_counter() - t)
-            for im in impls:
-                im.module.zero_grad(set_to_none=True)
-            log(f"[{dname}] round {r + 1}/{args.rounds}: {time.perf_counter() - t_round:.1f} s")
+        calls = {(m, im.variant, im.impl): (lambda im=im, m=m: _run(im, m, x, grad_of[im.variant]))
+                 for m in args.modes for im in impls}
+        times = timed_rounds(calls, args.rounds, args.seed, log, dname)
         for mode in args.modes:
             mult = 3 if mode == "fwd+bwd" else 1
             gemm_t = times[(mode, "gemm", "gemm")]
@@ -474,17 +484,7 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
         (a @ w).backward(gb)
 
     steps["gemm"] = gemm
-    times: dict[str, list[float]] = {v: [] for v in steps}
-    rng = random.Random(args.seed)
-    for r in range(args.rounds):
-        t_round = time.perf_counter()
-        order = list(steps)
-        rng.shuffle(order)
-        for v in order:
-            t = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t)
-        log(f"[train] round {r + 1}/{args.rounds}: {time.perf_counter() - t_round:.1f} s")
+    times = timed_rounds(steps, args.rounds, args.seed, log, "train")
     gemm_rate = 6 * tokens * d * 4 * d / statistics.median(times["gemm"]) / 1e9
     base = times.get("smoe")
     records = []
