@@ -280,7 +280,9 @@ def _meta(args: argparse.Namespace) -> dict:
     from mhmoe import cli
 
     env = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ)
-    cmd = "mhmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "mhmoe bench"
+    # The command as typed: the console script, or `python benchmarks/layers.py` (which adds the subcommand).
+    prog = f"python {sys.argv[0]}" if sys.argv and sys.argv[0].endswith(".py") else "mhmoe"
+    cmd = " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
     return {
         **hardware(), "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
