@@ -4,6 +4,10 @@ RUN_DIR/checkpoints/step_000100/ holds model.safetensors, trainer.pt (optimizer,
 manifest.json (sha256 of each file). A checkpoint is written into a temporary directory and renamed into place,
 so a crash (even SIGKILL) leaves either the old set or the new one; a checkpoint whose files do not match its
 manifest is skipped with a warning and the previous good one is used.
+
+RUN_DIR/.lock is held (flock) by the one process that trains or evaluates the run, so two `mhmoe train` or
+`mhmoe reproduce` processes pointed at the same directory cannot interleave their checkpoints and logs; the OS
+releases it when the process dies, so a crash never leaves a stale lock.
 """
 
 from __future__ import annotations
@@ -13,8 +17,14 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a run directory is then the user's to keep single-writer
+    fcntl = None
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -22,6 +32,56 @@ from safetensors.torch import load_model, save_model
 
 class CheckpointError(ValueError):
     """No usable checkpoint where one was required; the message says where and what to do."""
+
+
+class RunBusy(RuntimeError):
+    """The run directory is locked by another live process (pid: the holder's, as it wrote it)."""
+
+    def __init__(self, run_dir: Path, pid: str) -> None:
+        self.run_dir, self.pid = run_dir, pid
+        super().__init__(f"{run_dir} is in use by another process (pid {pid}); wait for it to finish or use "
+                         f"another directory")
+
+
+# Locks this process holds, by resolved run directory: a run locked by `mhmoe reproduce` is then trained by
+# `train()` in the same process without deadlocking on its own flock.
+_HELD: dict[Path, int] = {}
+
+
+@contextmanager
+def run_lock(run_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold RUN_DIR/.lock for the block; re-entrant within a process.
+
+    Raises RunBusy (naming the holder's pid) when another process holds it, unless `wait`, which blocks.
+    """
+    key = Path(run_dir).resolve()
+    if key in _HELD or fcntl is None:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunBusy(key, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -147,19 +147,24 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
             log: Callable[[str], None] = print, report_only: bool = False) -> dict[str, dict[str, Any]]:
     """Train and evaluate every planned run (skipping finished work); returns {run_id: info}.
 
+    Several processes may share one `out` (e.g. one per core): each run is locked while a process trains and
+    evaluates it, a process skips runs locked by another and, after its own pass, waits for them to finish so
+    that every process reports the whole matrix.
+
     report_only: train nothing; evaluate and report the runs that have reached their last step.
     """
-    from mhmoe.checkpoint import latest_good_checkpoint
+    from mhmoe.checkpoint import RunBusy, latest_good_checkpoint, run_lock
 
     results: dict[str, dict[str, Any]] = {}
     durations: list[float] = []
-    for i, r in enumerate(runs):
-        run_dir = out / "runs" / r.run_id
+    deferred: list[tuple[int, PlannedRun]] = []
+
+    def run_one(i: int, r: PlannedRun, run_dir: Path) -> None:
         if report_only:
             found = latest_good_checkpoint(run_dir) if run_dir.is_dir() else None
             if found is None or found[0] < r.cfg.steps:
                 log(f"[{i + 1}/{len(runs)}] {r.run_id}: not finished, left out of the report")
-                continue
+                return
         remaining = len(runs) - i
         eta = f", matrix ETA ~{statistics.mean(durations) * remaining / 60:.1f} min" if durations else ""
         log(f"[{i + 1}/{len(runs)}] {r.run_id}: {r.cfg.steps} steps of {r.cfg.tokens_per_step:,} tokens{eta}")
@@ -171,6 +176,20 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
         if state.wall_s > 5 and state.step > 0:
             durations.append(spent)
         results[r.run_id] = {"run": r, "evals": evals, "wall_s": train_wall(run_dir)}
+
+    for i, r in enumerate(runs):
+        run_dir = out / "runs" / r.run_id
+        try:
+            with run_lock(run_dir):
+                run_one(i, r, run_dir)
+        except RunBusy as e:
+            log(f"[{i + 1}/{len(runs)}] {r.run_id}: in use by another process (pid {e.pid}); back to it at the end")
+            deferred.append((i, r))
+    for i, r in deferred:
+        run_dir = out / "runs" / r.run_id
+        log(f"[{i + 1}/{len(runs)}] {r.run_id}: waiting for the other process")
+        with run_lock(run_dir, wait=True):
+            run_one(i, r, run_dir)
     return results
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from mhmoe.checkpoint import (
-    atomic_write_text, find_checkpoint, latest_good_checkpoint, load_model_weights, prune, save_checkpoint,
+    RunBusy, atomic_write_text, find_checkpoint, latest_good_checkpoint, load_model_weights, prune, run_lock,
+    save_checkpoint,
 )
 from mhmoe.configbase import Config, ConfigError
 from mhmoe.data import DataConfig, Tokenizer, build_tokenizer, resolve_data_root, tokenize_corpus
@@ -241,7 +242,23 @@ def train(
     cfg: TrainConfig, run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None, progress: bool = True, stop_after: int | None = None,
 ) -> RunState:
-    """Train (or resume) the run in `run_dir` until cfg.steps; `stop_after` ends early after that step."""
+    """Train (or resume) the run in `run_dir` until cfg.steps; `stop_after` ends early after that step.
+
+    Rank 0 holds the run directory's lock throughout; raises UserError if another process is training it.
+    """
+    from mhmoe.cli import UserError
+
+    with ExitStack() as stack:
+        if _dist_info()[0] == 0:
+            try:
+                stack.enter_context(run_lock(Path(run_dir)))
+            except RunBusy as e:
+                raise UserError(f"--out: {e}") from None
+        return _train(cfg, Path(run_dir), data_root, cache_dir, progress, stop_after)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
+           cache_dir: str | os.PathLike | None, progress: bool, stop_after: int | None) -> RunState:
     t_start = time.time()
     run_dir = Path(run_dir)
     wall_path = run_dir / "train_wall.json"

@@ -19,3 +19,25 @@ def shared_data_root() -> Path | None:
         if cand.is_dir():
             return cand
     return None
+
+
+_HOLD = """
+import pathlib, sys, time
+from mhmoe.checkpoint import run_lock
+with run_lock(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    while not pathlib.Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+"""
+
+
+def hold_run_lock(run_dir: Path, release: Path):
+    """A second process that holds run_dir's lock until the file `release` exists (or it is killed)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir), str(release)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc

@@ -124,3 +124,39 @@ def test_reproduce_smoke_end_to_end_with_interruption(tmp_path, monkeypatch, cap
     assert md.count("| SMoE + head & merge |") == 2 and "(11.84)" in md  # both steps; paper value beside ours
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert "table4_val_loss.png" in plots and "table5_ppl.png" in plots and "load_mhmoe-h2-s0.png" in plots
+
+
+def test_two_processes_share_a_matrix_run_locked_elsewhere_is_deferred_then_awaited(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import hold_run_lock
+    from mhmoe.checkpoint import run_lock
+
+    runs = R.plan("smoke", [5], 1)
+    out, release = tmp_path / "repro", tmp_path / "release"
+    busy = runs[1].run_id
+    holder = hold_run_lock(out / "runs" / busy, release)
+    trained, logs = [], []
+
+    def fake_train(cfg, run_dir, *a, **k):
+        with run_lock(run_dir):  # re-entrant, as the real train() takes the lock the matrix already holds
+            pass
+        trained.append(run_dir.name)
+        if len(trained) == len(runs) - 1:
+            release.touch()  # the other process finishes its run once ours are done
+        (run_dir / "train_wall.json").write_text(json.dumps({"wall_s": 1.0}))
+        return SimpleNamespace(wall_s=1.0, step=cfg.steps)
+
+    monkeypatch.setattr(R, "train", fake_train)
+    monkeypatch.setattr(R, "_eval_cached", lambda *a: {})
+    try:
+        results = R.execute(runs, out, None, None, progress=False, log=logs.append)
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert trained == [r.run_id for r in runs if r.run_id != busy] + [busy]
+    assert set(results) == {r.run_id for r in runs}
+    assert any(f"{busy}: in use by another process (pid {holder.pid})" in l for l in logs)
+    assert any(f"{busy}: waiting for the other process" in l for l in logs)
+    with run_lock(out / "runs" / busy):  # released by the matrix, and by the holder that exited
+        pass

@@ -209,3 +209,23 @@ def test_ddp_two_processes_match_one(tmp_path, cache):
     assert len(l1) == len(l2) == 3
     for a, b in zip(l1, l2):
         assert abs(a - b) < 1e-4 * abs(a)
+
+
+def test_second_process_on_a_run_dir_is_refused_and_a_killed_holder_frees_it(tmp_path, cache, capsys):
+    from conftest import hold_run_lock
+
+    run = tmp_path / "run"
+    holder = hold_run_lock(run, tmp_path / "never")
+    argv = ["train", "--preset", "smoke", "--model", "smoe", "--out", str(run), "--data-root", str(ROOT),
+            "--cache-dir", str(cache), "--no-progress", "--set", "steps=2", "--set", "threads=1"]
+    try:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another process (pid {holder.pid})" in err[0] and "--out" in err[0]
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written by the refused trainer
+    finally:
+        holder.kill()
+        holder.wait()
+    # The OS drops a dead process's flock: no stale lock to clean up by hand.
+    assert main(argv) == 0
+    assert len(_losses(run)) == 2
