@@ -124,7 +124,7 @@ class SortedExpertsFn(torch.autograd.Function):
             g1 = new(E, Din, Fh, dtype=dt, device=gy.device) if need_1 else None
             g3 = new(E, Din, Fh, dtype=dt, device=gy.device) if need_3 else None
             g2 = new(E, Fh, Din, dtype=dt, device=gy.device) if need_2 else None
-            gw = torch.empty_like(w) if need_w else None
+            gw = torch.empty(w.shape, dtype=acc, device=w.device) if need_w else None  # to w.dtype at the end
             if need_x:
                 gx = (torch.zeros(ctx.n_rows, Din, dtype=acc, device=gy.device) if rows is not None
                       else torch.empty(ctx.n_rows, Din, dtype=dt, device=gy.device))
@@ -174,7 +174,7 @@ class SortedExpertsFn(torch.autograd.Function):
                         gx.index_add_(0, rows[sl], ge_x if ge_x.dtype == acc else ge_x.to(acc))
         w1d, w3d, w2d = ctx.w_dtypes
         return (gx.to(ctx.x_dtype) if need_x else None,
-                gw if need_w else None,
+                gw.to(w.dtype) if need_w else None,
                 g1.to(w1d) if need_1 else None,
                 g3.to(w3d) if need_3 else None,
                 g2.to(w2d) if need_2 else None,
