@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,14 +163,15 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
     deferred: list[tuple[int, PlannedRun]] = []
 
     def run_one(i: int, r: PlannedRun, run_dir: Path) -> None:
-        if report_only:
-            found = latest_good_checkpoint(run_dir) if run_dir.is_dir() else None
-            if found is None or found[0] < r.cfg.steps:
-                log(f"[{i + 1}/{len(runs)}] {r.run_id}: not finished, left out of the report")
-                return
+        found = latest_good_checkpoint(run_dir) if run_dir.is_dir() else None
+        finished = found is not None and found[0] >= r.cfg.steps
+        if report_only and not finished:
+            log(f"[{i + 1}/{len(runs)}] {r.run_id}: not finished, left out of the report")
+            return
         remaining = len(runs) - i
         eta = f", matrix ETA ~{statistics.mean(durations) * remaining / 60:.1f} min" if durations else ""
-        log(f"[{i + 1}/{len(runs)}] {r.run_id}: {r.cfg.steps} steps of {r.cfg.tokens_per_step:,} tokens{eta}")
+        log(f"[{i + 1}/{len(runs)}] {r.run_id}: " + ("trained already" if finished else
+                                                   f"{r.cfg.steps} steps of {r.cfg.tokens_per_step:,} tokens{eta}"))
         t0 = time.time()
         state = train(r.cfg, run_dir, data_root, cache_dir, progress=progress)
         evals = {f"{int(100 * m / r.cfg.steps)}%": _eval_cached(run_dir, m, r.cfg, data_root, cache_dir)
@@ -496,24 +500,69 @@ def parse_tables(text: str) -> list[int]:
     return tables
 
 
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _start_workers(args: argparse.Namespace, out: Path, overrides: list[str]) -> list[subprocess.Popen]:
+    """Start args.workers - 1 more processes of this command on the same `out`; the run locks share the matrix."""
+    argv = [sys.executable, "-m", "mhmoe.cli", "reproduce", "--preset", args.preset, "--tables", args.tables,
+            "--seeds", str(args.seeds), "--out", str(out), "--worker", "--no-progress"]
+    for kv in overrides:
+        argv += ["--set", kv]
+    for flag, value in (("--data-root", args.data_root), ("--cache-dir", args.cache_dir)):
+        if value:
+            argv += [flag, value]
+    procs = []
+    for k in range(2, args.workers + 1):
+        log = open(out / f"worker-{k}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed with the process)
+        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return procs
+
+
 def _cli(args: argparse.Namespace) -> int:
     from mhmoe.cli import UserError
 
     tables = parse_tables(args.tables)
     if args.seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {args.seeds}")
+    if args.workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
     out = Path(args.out)
-    runs = plan(args.preset, tables, args.seeds, args.set)
+    overrides = list(args.set or [])
+    if args.workers > 1 and not any(kv.split("=", 1)[0].strip() == "threads" for kv in overrides):
+        # One process per core beats one process over all cores for these small models (measured; README).
+        overrides.append(f"threads={max(1, _available_cores() // args.workers)}")
+    runs = plan(args.preset, tables, args.seeds, overrides)
     print(f"mhmoe reproduce: preset {args.preset}, tables {','.join(map(str, tables))}, {args.seeds} seed(s): "
-          f"{len(runs)} runs in {out}", flush=True)
+          f"{len(runs)} runs in {out}" + (f", {args.workers} worker processes" if args.workers > 1 else ""),
+          flush=True)
     if args.dry_run:
         for r in runs:
             print(f"  {r.run_id:<28} tables {r.tables}  steps {r.cfg.steps}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     cache = args.cache_dir or str(out / "cache")
-    results = execute(runs, out, args.data_root, cache, progress=not args.no_progress,
-                      log=lambda m: print(m, flush=True), report_only=args.report_only)
+    workers = [] if args.report_only else _start_workers(args, out, overrides) if args.workers > 1 else []
+    try:
+        results = execute(runs, out, args.data_root, cache, progress=not args.no_progress,
+                          log=lambda m: print(m, flush=True), report_only=args.report_only)
+    except BaseException:
+        for w in workers:
+            w.terminate()
+        raise
+    finally:
+        for w in workers:  # normally finished already: execute() waited for every run they held
+            w.wait()
+    failed = [k for k, w in enumerate(workers, start=2) if w.returncode]
+    for k in failed:  # their runs were finished by this process after their locks were released
+        print(f"worker {k} exited with {workers[k - 2].returncode}; its log: {out / f'worker-{k}.log'}", flush=True)
+    if args.worker:
+        return 0
     md = report(results, out, tables, args.preset)
     print(md)
     print(f"wrote {out / 'tables.md'}, {out / 'results.json'} and {out / 'plots'}/")
@@ -533,4 +582,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: evaluate and report the runs that are finished (partial tables)")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the matrix, each with cores/workers threads (default 1)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a started worker: no report
     p.set_defaults(func=_cli)

@@ -160,3 +160,27 @@ def test_two_processes_share_a_matrix_run_locked_elsewhere_is_deferred_then_awai
     assert any(f"{busy}: waiting for the other process" in l for l in logs)
     with run_lock(out / "runs" / busy):  # released by the matrix, and by the holder that exited
         pass
+
+
+@pytest.mark.skipif(ROOT is None, reason="real corpora not available (set MHMOE_DATA_ROOT)")
+def test_workers_share_the_matrix_and_train_each_run_once(tmp_path, capsys):
+    out = tmp_path / "repro"
+    argv = ["reproduce", "--preset", "smoke", "--tables", "5", "--out", str(out), "--data-root", str(ROOT),
+            "--no-progress", "--set", "steps=4", "--workers", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 worker processes" in printed and "## Table 5" in printed and "exited with" not in printed
+    assert (out / "worker-2.log").read_text().startswith("mhmoe reproduce: preset smoke, tables 5")
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["mhmoe-h2-nohead-s0", "mhmoe-h2-nohm-s0", "mhmoe-h2-nomerge-s0", "mhmoe-h2-s0"]
+    threads = max(1, R._available_cores() // 2)
+    for run in runs:
+        steps = [json.loads(l)["step"] for l in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4], run  # trained once: no interleaved second writer
+        assert json.loads((out / "runs" / run / "config.json").read_text())["threads"] == threads
+    assert len(json.loads((out / "results.json").read_text())["records"]) == 4 * 2 * 3
+
+
+def test_workers_flag_is_validated(tmp_path, capsys):
+    assert main(["reproduce", "--preset", "smoke", "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert "--workers: must be >= 1, got 0" in capsys.readouterr().err
