@@ -20,7 +20,7 @@ test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 reproduce: venv
-	$(VENV)/bin/mhmoe reproduce --preset demo --out runs/demo
+	$(VENV)/bin/mhmoe reproduce --preset demo --workers 2 --out runs/demo
 
 parity: venv
 	$(VENV)/bin/mhmoe parity --dim 768 --hidden-dim 2048 --num-experts 8 --top-k 1 --heads 2

@@ -147,7 +147,8 @@ def _eval_cached(run_dir: Path, step: int, cfg: TrainConfig, data_root, cache_di
 
 
 def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: bool = True,  # noqa: ANN001
-            log: Callable[[str], None] = print, report_only: bool = False) -> dict[str, dict[str, Any]]:
+            log: Callable[[str], None] = print, report_only: bool = False,
+            workers: int = 1) -> dict[str, dict[str, Any]]:
     """Train and evaluate every planned run (skipping finished work); returns {run_id: info}.
 
     Several processes may share one `out` (e.g. one per core): each run is locked while a process trains and
@@ -155,6 +156,7 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
     that every process reports the whole matrix.
 
     report_only: train nothing; evaluate and report the runs that have reached their last step.
+    workers: how many processes share the matrix (for the ETA only).
     """
     from mhmoe.checkpoint import RunBusy, latest_good_checkpoint, run_lock
 
@@ -169,7 +171,8 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
             log(f"[{i + 1}/{len(runs)}] {r.run_id}: not finished, left out of the report")
             return
         remaining = len(runs) - i
-        eta = f", matrix ETA ~{statistics.mean(durations) * remaining / 60:.1f} min" if durations else ""
+        eta = (f", matrix ETA ~{statistics.mean(durations) * remaining / workers / 60:.1f} min" if durations
+               else "")
         log(f"[{i + 1}/{len(runs)}] {r.run_id}: " + ("trained already" if finished else
                                                    f"{r.cfg.steps} steps of {r.cfg.tokens_per_step:,} tokens{eta}"))
         t0 = time.time()
@@ -437,8 +440,10 @@ def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, table
             errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
             ax.bar(range(len(rows)), means, yerr=errs, color=[f"C{i}" for i in range(len(rows))])
             ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right", fontsize=7)
-            lo = min(m for m in means if m == m)
-            ax.set_ylim(lo * 0.97, max(m for m in means if m == m) * 1.01)
+            # Zoomed to the bars and their error bars (the seed std), so that the spread stays visible.
+            lo = min(m - e for m, e in zip(means, errs) if m == m)
+            hi = max(m + e for m, e in zip(means, errs) if m == m)
+            ax.set_ylim(lo - 0.03 * (hi - lo) - 0.01 * lo, hi + 0.03 * (hi - lo) + 0.005 * hi)
             ax.set_title(f"Table {t}: {DOMAIN_TITLES[d]} perplexity (100%)")
         fig.tight_layout()
         made.append(plot_dir / f"table{t}_ppl.png")
@@ -510,7 +515,7 @@ def _available_cores() -> int:
 def _start_workers(args: argparse.Namespace, out: Path, overrides: list[str]) -> list[subprocess.Popen]:
     """Start args.workers - 1 more processes of this command on the same `out`; the run locks share the matrix."""
     argv = [sys.executable, "-m", "mhmoe.cli", "reproduce", "--preset", args.preset, "--tables", args.tables,
-            "--seeds", str(args.seeds), "--out", str(out), "--worker", "--no-progress"]
+            "--seeds", str(args.seeds), "--out", str(out), "--workers", str(args.workers), "--worker", "--no-progress"]
     for kv in overrides:
         argv += ["--set", kv]
     for flag, value in (("--data-root", args.data_root), ("--cache-dir", args.cache_dir)):
@@ -547,10 +552,11 @@ def _cli(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     cache = args.cache_dir or str(out / "cache")
-    workers = [] if args.report_only else _start_workers(args, out, overrides) if args.workers > 1 else []
+    started = args.workers > 1 and not (args.report_only or args.worker)
+    workers = _start_workers(args, out, overrides) if started else []
     try:
         results = execute(runs, out, args.data_root, cache, progress=not args.no_progress,
-                          log=lambda m: print(m, flush=True), report_only=args.report_only)
+                          log=lambda m: print(m, flush=True), report_only=args.report_only, workers=args.workers)
     except BaseException:
         for w in workers:
             w.terminate()
