@@ -553,6 +553,10 @@ def _cli(args: argparse.Namespace) -> int:
     meta = _meta(args)
     t0 = time.perf_counter()
     if args.what == "layers":
+        if args.dtypes is None:  # bf16 only where the CPU has it natively: elsewhere one round takes minutes
+            from mhmoe.train import cpu_has_fast_bf16
+
+            args.dtypes = "float32,bfloat16" if cpu_has_fast_bf16() else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
         args.impls = _split(args.impls, ("sorted", "grouped_mm", "naive"), "--impls")
         if args.dim % 6:
@@ -601,7 +605,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--num-experts", type=int, default=8, help="SMoE experts (default 8)")
     lay.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest A/B)")
     lay.add_argument("--rounds", type=int, default=4, help="timed rounds (default 4)")
-    lay.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16")
+    lay.add_argument("--dtypes", default=None,
+                     help="float32 and/or bfloat16 (default: both where the CPU has native bf16, else float32)")
     lay.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     lay.add_argument("--impls", default="sorted", help="our dispatches: sorted, grouped_mm, naive (default sorted)")
     lay.add_argument("--no-hf", action="store_true", help="leave out transformers' Mixtral block")

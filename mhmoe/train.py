@@ -158,6 +158,28 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16, AMX or Arm BF16); True when it cannot tell.
+
+    Without it torch's CPU bf16 matmul takes a slow fallback: 0.4 GFLOP/s against 56 in fp32 on the project's
+    AVX2 machine (benchmarks/RESULTS.md), so bf16 there is a trap rather than a speed-up.
+    cpuinfo: the text of /proc/cpuinfo (read when None).
+    """
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return True
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    if not flags:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def default_cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     """Token caches and trained tokenizers: --cache-dir, $MHMOE_CACHE_DIR, or ~/.cache/mhmoe."""
     if explicit:
@@ -328,6 +350,9 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
         net = torch.compile(net)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
+    if cfg.dtype == "bfloat16" and device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
+        print("mhmoe train: warning: TrainConfig.dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX) "
+              "runs matmuls ~100x slower than float32; use --set dtype=float32", file=sys.stderr, flush=True)
 
     writer = pbar = None
     eval_corpora: dict[str, Any] = {}

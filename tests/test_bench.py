@@ -102,3 +102,14 @@ def test_bench_bad_flags_one_line_error(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("fast_bf16, dtypes", [(False, {"float32"}), (True, {"float32", "bfloat16"})])
+def test_bench_layers_default_dtypes_follow_native_bf16(fast_bf16, dtypes, capsys, monkeypatch):
+    import mhmoe.train as T
+
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda cpuinfo=None: fast_bf16)
+    argv = ["bench", "layers", "--json", "--tokens", "32", "--dim", "96", "--hidden-dim", "256", "--num-experts",
+            "4", "--rounds", "1", "--modes", "fwd", "--no-hf", "--no-memory"]
+    assert main(argv) == 0
+    assert {r["dtype"] for r in json.loads(capsys.readouterr().out)["records"]} == dtypes

@@ -229,3 +229,23 @@ def test_second_process_on_a_run_dir_is_refused_and_a_killed_holder_frees_it(tmp
     # The OS drops a dead process's flock: no stale lock to clean up by hand.
     assert main(argv) == 0
     assert len(_losses(run)) == 2
+
+
+def test_cpu_bf16_detection_from_cpuinfo():
+    from mhmoe.train import cpu_has_fast_bf16
+
+    assert not cpu_has_fast_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert cpu_has_fast_bf16("flags\t\t: avx2 avx512f avx512_bf16\n")
+    assert cpu_has_fast_bf16("flags\t\t: avx2 amx_bf16 amx_tile\n")
+    assert cpu_has_fast_bf16("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert not cpu_has_fast_bf16("Features\t: fp asimd\n")
+    assert cpu_has_fast_bf16("")  # cannot tell: no warning
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, cache, monkeypatch, capsys):
+    import mhmoe.train as T
+
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    train(_cfg("smoe", steps=1, dtype="bfloat16"), tmp_path / "run", ROOT, cache, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("dtype=bfloat16 on a CPU without native bf16") == 1 and "--set dtype=float32" in err
