@@ -186,6 +186,9 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
 
     for i, r in enumerate(runs):
         run_dir = out / "runs" / r.run_id
+        if report_only and not run_dir.is_dir():  # no lock: it would create the directory of a run never started
+            log(f"[{i + 1}/{len(runs)}] {r.run_id}: not started, left out of the report")
+            continue
         try:
             with run_lock(run_dir):
                 run_one(i, r, run_dir)

@@ -103,6 +103,7 @@ def test_reproduce_smoke_end_to_end_with_interruption(tmp_path, monkeypatch, cap
     assert main(argv + ["--report-only"]) == 0
     partial = json.loads((out / "results.json").read_text())
     assert {r["run_id"] for r in partial["records"]} == set(calls[:2])
+    assert {p.name for p in (out / "runs").iterdir()} == set(calls)  # no directories made for unstarted runs
     assert not (out / "runs" / calls[2] / "checkpoints" / "step_0000004").exists()
     mtime_first = (out / "runs" / calls[0] / "checkpoints" / "step_0000004" / "manifest.json").stat().st_mtime
     capsys.readouterr()
