@@ -1,7 +1,7 @@
 """`mhmoe bench`: the speed of the layer family and of whole-model training, against the peer users would pick.
 
     mhmoe bench layers [--json] [--tokens 4096] [--dim 768] [--hidden-dim 2048] [--num-experts 8] [--threads 1]
-                       [--rounds 4] [--dtypes float32,bfloat16] [--impls sorted,grouped_mm,naive] [--no-hf]
+                       [--rounds 4] [--dtypes float32,bfloat16] [--impls sorted,grouped_mm,naive,intra-op] [--no-hf]
     mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--rounds 4] [--threads 0]
 
 Layers: the paper's five FFNs, FLOPs-matched by the section 2.3 calculator (at d=768: SMoE 8 x 2048 top-1,
@@ -11,17 +11,20 @@ Face transformers' own Mixtral sparse MoE block of the SMoE's sizes (top-1, 8 ex
 weights and checked to compute the same function before anything is timed (Mixtral renormalises its top-k
 weights, which at top-1 is a weight of 1: compared against our layer with `renormalize=True`).
 
-Implementations of our MoE variants (`--impls`): `sorted` (the layer as built), `grouped_mm` (the same parameters
-with dispatch="grouped_mm") and `naive` (`naive_forward`: the common per-expert loop that indexes W[e]). Every
-one is checked against `sorted` (outputs and all gradients) before timing.
+Implementations of our MoE variants (`--impls`): `sorted` (the layer as built, threading="auto"), `grouped_mm`
+(the same parameters with dispatch="grouped_mm"), `naive` (`naive_forward`: the common per-expert loop that
+indexes W[e]) and `intra-op` (threading="intra-op": the expert loop never split across threads; only at
+--threads > 1, where "auto" runs MH-MoE's ranges of experts concurrently). Every one is checked against `sorted`
+(outputs and all gradients) before timing.
 
 Method (the machines are noisy): everything lives in one process at `--threads` threads; after the checks and one
 warm-up, `--rounds` rounds run every (implementation, mode) once in a fresh random order; we report medians, and
 ratios are medians of per-round ratios. fwd = forward under no_grad; fwd+bwd = forward, then y.backward(g) for a
 contiguous random g with x.requires_grad (dX included), gradients set to None between iterations. GFLOP/s use the
-analytic matmul FLOPs of `mhmoe.complexity` (x3 for fwd+bwd). `frac_of_gemm` divides by the rate of one plain
-[T, D] x [D, F] matmul (fwd: 1 matmul; fwd+bwd: its 3) timed in the same rounds: the layer's whole work, head,
-router and dispatch included, as a fraction of what the machine's GEMM does. `peak_mem_mb` is the peak of live
+analytic matmul FLOPs of `mhmoe.complexity` (x3 for fwd+bwd). `frac_of_gemm` compares with one plain
+[T, D] x [D, F] matmul (fwd: 1 matmul; fwd+bwd: its 3) timed in the same rounds: the median over rounds of the
+layer's rate / the GEMM's rate in that round, so a slow stretch of the shared machine hits both alike. It is the
+layer's whole work, head, router and dispatch included, as a fraction of what the machine's GEMM does. `peak_mem_mb` is the peak of live
 tensor memory (parameters included) during one untimed pass, from torch's MemTracker.
 
 Train: one optimizer step (forward, backward, AdamW) of the preset's model per variant on random tokens, in
@@ -316,6 +319,12 @@ def _median_ratio(ts: list[float], base: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ts, base))
 
 
+def paired_frac_of_gemm(flops: float, ts: list[float], gemm_flops: float, gemm_ts: list[float]) -> float:
+    """Median over rounds of (flops / ts[r]) / (gemm_flops / gemm_ts[r]): each round's rate against the GEMM's
+    rate in the same round, so a slow stretch of a shared machine slows the numerator and denominator alike."""
+    return statistics.median((flops / t) / (gemm_flops / gt) for t, gt in zip(ts, gemm_ts))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # mhmoe bench layers
 
@@ -349,6 +358,11 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
             naive = lambda t, layer=layer: naive_forward(layer, t)  # noqa: E731
             check_against(f"{name}/naive", naive, layer, layer, layer, x, g, dtype, lambda d: d)
             impls.append(Impl(name, "naive", flops, layer, naive))
+        if "intra-op" in args.impls and torch.get_num_threads() > 1:
+            ilayer = build_ffn(cfg.replace(threading="intra-op")).to(dtype)
+            ilayer.load_state_dict(layer.state_dict())
+            check_against(f"{name}/intra-op", ilayer, ilayer, layer, layer, x, g, dtype, lambda d: d)
+            impls.append(Impl(name, "intra-op", flops, ilayer, ilayer))
     if not args.no_hf and smoe_layer is not None:
         names = hf_implementations(x.device)
         if not names:
@@ -427,7 +441,8 @@ def bench_layers(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[
                 records.append({
                     "variant": im.variant, "impl": im.impl, "dtype": dname, "mode": mode,
                     "threads": torch.get_num_threads(), "median_ms": med * 1e3, "gflops": gflops,
-                    "frac_of_gemm": gflops / gemm_rate, "peak_mem_mb": peak.get((im.variant, im.impl, mode)),
+                    "frac_of_gemm": paired_frac_of_gemm(im.flops_fwd * mult, ts, gemm_flops, gemm_t),
+                    "peak_mem_mb": peak.get((im.variant, im.impl, mode)),
                     "ratio_to_smoe": _median_ratio(ts, smoe_t),
                     "ratio_to_sorted": _median_ratio(ts, sorted_t) if sorted_t else None,
                     "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
@@ -487,7 +502,8 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
 
     steps["gemm"] = gemm
     times = timed_rounds(steps, args.rounds, args.seed, log, "train")
-    gemm_rate = 6 * tokens * d * 4 * d / statistics.median(times["gemm"]) / 1e9
+    gemm_flops = 6 * tokens * d * 4 * d
+    gemm_rate = gemm_flops / statistics.median(times["gemm"]) / 1e9
     base = times.get("smoe")
     records = []
     for variant in args.variants:
@@ -498,7 +514,8 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
         gflops = 3 * model_flops_per_token(cfg.model, seq_len=cfg.seq_len) * n_tok / med / 1e9
         records.append({
             "variant": variant, "dtype": cfg.dtype, "mode": "train", "threads": torch.get_num_threads(),
-            "median_ms": med * 1e3, "gflops": gflops, "frac_of_gemm": gflops / gemm_rate,
+            "median_ms": med * 1e3, "gflops": gflops,
+            "frac_of_gemm": paired_frac_of_gemm(gflops * med, ts, gemm_flops / 1e9, times["gemm"]),
             "peak_mem_mb": peak.get(variant), "ratio_to_smoe": _median_ratio(ts, base) if base else None,
             "tok_per_s": n_tok / med, "tokens_per_step": n_tok, "preset": args.preset,
             "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
@@ -558,7 +575,7 @@ def _cli(args: argparse.Namespace) -> int:
 
             args.dtypes = "float32,bfloat16" if cpu_has_fast_bf16() else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
-        args.impls = _split(args.impls, ("sorted", "grouped_mm", "naive"), "--impls")
+        args.impls = _split(args.impls, ("sorted", "grouped_mm", "naive", "intra-op"), "--impls")
         if args.dim % 6:
             raise UserError(f"--dim: must be divisible by 2 and 3 (MH-MoE h=2 and h=3), got {args.dim}")
         try:
@@ -608,7 +625,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--dtypes", default=None,
                      help="float32 and/or bfloat16 (default: both where the CPU has native bf16, else float32)")
     lay.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
-    lay.add_argument("--impls", default="sorted", help="our dispatches: sorted, grouped_mm, naive (default sorted)")
+    lay.add_argument("--impls", default="sorted", help="our implementations: sorted, grouped_mm, naive, intra-op (default sorted)")
     lay.add_argument("--no-hf", action="store_true", help="leave out transformers' Mixtral block")
     tr = what.add_parser("train", help="whole-model training steps per second of the preset's five variants")
     tr.add_argument("--preset", default="tiny", help="smoke, demo, tiny, gpu or paper sizes (default tiny)")

@@ -110,7 +110,7 @@ class ExpertParallelExperts(Experts):
         if E % self.ep_size:
             raise ConfigError(f"--ep: num_experts ({E}) must be divisible by the expert-parallel size ({self.ep_size})")
         self.num_experts, self.in_dim, self.hidden_dim = E, experts.in_dim, experts.hidden_dim
-        self.dispatch, self.recompute = experts.dispatch, experts.recompute
+        self.dispatch, self.recompute, self.threading = experts.dispatch, experts.recompute, experts.threading
         self.local_experts = E // self.ep_size
         lo, hi = self.ep_rank * self.local_experts, (self.ep_rank + 1) * self.local_experts
         self.w1 = nn.Parameter(experts.w1.detach()[lo:hi].clone())

@@ -20,6 +20,13 @@ written with `out=` into preallocated buffers, outputs index_add_-ed into [N, Di
 Subclasses that override `_run_sorted` (BitNet's BitExperts) and dispatch="grouped_mm" keep the generic path:
 gather, `_run_sorted`, then a weighted index_add_ combine, all under autograd.
 
+CPU threading (`threading`): with T > 1 torch threads, "inter-expert" runs T contiguous ranges of experts (about
+S'/T rows each) concurrently in T worker threads of one intra-op thread each, instead of one expert after another
+with every matmul split T ways ("intra-op"). The small matmuls of many fine experts (MH-MoE h=3: 96 experts of
+[~384 x D/3] x [D/3 x F']) gain little from intra-op threads. Each range adds into its own [N, Din] output (and dX)
+buffer, summed after the join, so the result is deterministic for a given T. "auto" picks inter-expert on CPU when
+every worker gets at least `MIN_EXPERTS_PER_WORKER` experts.
+
 Weights are stacked [E, ...]; the generic sorted path splits them with `unbind(0)` once per forward: indexing
 W[e] inside the loop would make autograd build a full-size zero gradient per expert (O(E * |W|) in backward).
 
@@ -30,7 +37,11 @@ S = N*K assignments (S' after capacity drops).
 from __future__ import annotations
 
 import math
+import os
+import threading as _threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,50 +72,134 @@ def _acc_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.promote_types(dt, torch.float32)
 
 
+MIN_EXPERTS_PER_WORKER = 16  # "auto": inter-expert threading only when every worker gets at least this many experts
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = _threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has the pool objects but none of their threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `workers` threads, each set to one intra-op thread (created once per size)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            caller_threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mhmoe-experts{workers}")
+            started = _threading.Barrier(workers)  # every init task on its own thread: all `workers` threads exist
+
+            def init() -> None:
+                # torch sets a thread's OpenMP/MKL thread count from the process default at its first op; take
+                # that first (get_num_threads), then override it for this thread only.
+                torch.get_num_threads()
+                torch.set_num_threads(1)
+                started.wait()
+
+            for f in [pool.submit(init) for _ in range(workers)]:
+                f.result()
+            # set_num_threads also sets the default that threads created later start with: give it back.
+            torch.set_num_threads(caller_threads)
+            _POOLS[workers] = pool
+        return pool
+
+
+def expert_ranges(sizes: list[int], parts: int) -> list[list[tuple[int, int, int]]]:
+    """Split the non-empty expert groups into <= `parts` contiguous ranges of about equal rows.
+
+    sizes: rows per expert (sorted layout). Returns per range a list of (expert, first row, rows).
+    """
+    total = sum(sizes)
+    ranges: list[list[tuple[int, int, int]]] = [[]]
+    start = 0
+    for e, n in enumerate(sizes):
+        if n == 0:
+            continue
+        # Open a new range once this one holds its share (the boundary that splits rows closest to even).
+        if ranges[-1] and len(ranges) < parts and start + n / 2 > total * len(ranges) / parts:
+            ranges.append([])
+        ranges[-1].append((e, start, n))
+        start += n
+    return [r for r in ranges if r]
+
+
+def _run_ranges(fn: Callable[[list[tuple[int, int, int]], int], None], ranges: list, device: torch.device) -> None:
+    """fn(range, i) for every range: inline when there is one, else concurrently on the worker pool."""
+    if len(ranges) == 1:
+        fn(ranges[0], 0)
+        return
+
+    def task(i: int) -> None:
+        # Worker threads start with autograd on and autocast off: the experts' inner ops want neither.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            fn(ranges[i], i)
+
+    pool = _worker_pool(len(ranges))
+    for f in [pool.submit(task, i) for i in range(len(ranges))]:
+        f.result()
+
+
+def expert_workers(threading: str, device: torch.device, sizes: list[int]) -> int:
+    """How many expert ranges run concurrently: 1 (intra-op threads only) or torch.get_num_threads()."""
+    if threading == "intra-op" or device.type != "cpu":
+        return 1
+    t = torch.get_num_threads()
+    if t <= 1:
+        return 1
+    if threading == "inter-expert":
+        return t
+    return t if sum(1 for n in sizes if n) >= MIN_EXPERTS_PER_WORKER * t else 1
+
+
 class SortedExpertsFn(torch.autograd.Function):
     """y = sum over rows r of w[r] * SwiGLU_{e(r)}(x[rows[r]]), rows sorted by expert e(r) in groups of `sizes`.
 
     forward(x [N, Din], w [S'] or None, w1 [E, Din, F], w3 [E, Din, F], w2 [E, F, Din], rows [S'] long or None,
-            sizes list[int] (E entries, sum S'), n_out, recompute, compute dtype) -> y
+            sizes list[int] (E entries, sum S'), n_out, recompute, compute dtype, workers) -> y
     rows=None: row r of x is assignment r (x already gathered); w=None: no weighting and no combine, y is the
     [S', Din] expert outputs in sorted order (what `Experts._run_sorted` returns). Otherwise y is [n_out, Din].
+    workers: expert ranges run concurrently (see `expert_workers`); 1 = one expert after another.
     """
 
     @staticmethod
-    def forward(ctx, x, w, w1, w3, w2, rows, sizes, n_out, recompute, dt):  # noqa: ANN001, ANN205
+    def forward(ctx, x, w, w1, w3, w2, rows, sizes, n_out, recompute, dt, workers=1):  # noqa: ANN001, ANN205
         with torch.autocast(x.device.type, enabled=False):
             xc, w1c, w3c, w2c = (t.to(dt) for t in (x, w1, w3, w2))
             combine = w is not None
             S = sum(sizes)
             Fh, Din = w1.shape[-1], w1.shape[-2]
             acc = _acc_dtype(dt)
-            if combine:
-                out = torch.zeros(n_out, Din, dtype=acc, device=x.device)
+            ranges = expert_ranges(sizes, workers)
+            if combine:  # one [n_out, Din] accumulator per concurrent range (index_add_ of two threads would race)
+                outs = [torch.zeros(n_out, Din, dtype=acc, device=x.device) for _ in ranges]
             else:
-                out = torch.empty(S, Din, dtype=dt, device=x.device)
+                outs = [torch.empty(S, Din, dtype=dt, device=x.device)]
             keep = not recompute
             h1 = xc.new_empty(S, Fh) if keep else None
             h3 = xc.new_empty(S, Fh) if keep else None
-            start = 0
-            for e, n in enumerate(sizes):
-                if n == 0:
-                    continue
-                sl = slice(start, start + n)
-                start += n
-                xe = xc.index_select(0, rows[sl]) if rows is not None else xc[sl]  # [n, Din]
-                a1 = torch.mm(xe, w1c[e], out=h1[sl]) if keep else xe @ w1c[e]  # [n, F]
-                a3 = torch.mm(xe, w3c[e], out=h3[sl]) if keep else xe @ w3c[e]
-                a = F.silu(a1)
-                a.mul_(a3)
-                if not combine:
-                    torch.mm(a, w2c[e], out=out[sl])
-                    continue
-                ye = a @ w2c[e]  # [n, Din]
-                we = w[sl].unsqueeze(1)
-                ye = ye.mul_(we) if ye.dtype == acc else ye.to(acc).mul_(we)
-                out.index_add_(0, rows[sl], ye)
+
+            def run(groups: list[tuple[int, int, int]], i: int) -> None:
+                out = outs[i] if combine else outs[0]
+                for e, start, n in groups:
+                    sl = slice(start, start + n)
+                    xe = xc.index_select(0, rows[sl]) if rows is not None else xc[sl]  # [n, Din]
+                    a1 = torch.mm(xe, w1c[e], out=h1[sl]) if keep else xe @ w1c[e]  # [n, F]
+                    a3 = torch.mm(xe, w3c[e], out=h3[sl]) if keep else xe @ w3c[e]
+                    a = F.silu(a1)
+                    a.mul_(a3)
+                    if not combine:
+                        torch.mm(a, w2c[e], out=out[sl])
+                        continue
+                    ye = a @ w2c[e]  # [n, Din]
+                    we = w[sl].unsqueeze(1)
+                    ye = ye.mul_(we) if ye.dtype == acc else ye.to(acc).mul_(we)
+                    out.index_add_(0, rows[sl], ye)
+
+            _run_ranges(run, ranges, x.device)
+            out = outs[0]
+            for other in outs[1:]:
+                out.add_(other)
         ctx.sizes, ctx.recompute, ctx.dt, ctx.combine = list(sizes), recompute, dt, combine
-        ctx.x_dtype, ctx.n_rows = x.dtype, x.shape[0]
+        ctx.x_dtype, ctx.n_rows, ctx.workers = x.dtype, x.shape[0], workers
         ctx.w_dtypes = (w1.dtype, w3.dtype, w2.dtype)
         ctx.save_for_backward(xc, w, w1c, w3c, w2c, rows, h1, h3)
         return out.to(dt) if combine else out
@@ -125,79 +220,88 @@ class SortedExpertsFn(torch.autograd.Function):
             g3 = new(E, Din, Fh, dtype=dt, device=gy.device) if need_3 else None
             g2 = new(E, Fh, Din, dtype=dt, device=gy.device) if need_2 else None
             gw = torch.empty(w.shape, dtype=acc, device=w.device) if need_w else None  # to w.dtype at the end
-            if need_x:
-                gx = (torch.zeros(ctx.n_rows, Din, dtype=acc, device=gy.device) if rows is not None
-                      else torch.empty(ctx.n_rows, Din, dtype=dt, device=gy.device))
-            start = 0
-            for e, n in enumerate(sizes):
-                if n == 0:
-                    continue
-                sl = slice(start, start + n)
-                start += n
-                xe = xc.index_select(0, rows[sl]) if rows is not None else xc[sl]  # [n, Din]
-                if ctx.recompute:
-                    a1, a3 = xe @ w1c[e], xe @ w3c[e]
-                else:
-                    a1, a3 = h1[sl], h3[sl]
-                s = F.silu(a1)  # [n, F]
-                a = s * a3  # SwiGLU output, the input of W2
-                if combine:
-                    ge = gy.index_select(0, rows[sl])  # [n, Din], dY of the (sub-)tokens of these rows
-                    ga = ge @ w2c[e].t()  # [n, F], gradient of the unweighted expert's hidden
-                    we = w[sl].to(dt).unsqueeze(1)
-                    if need_w:  # d y / d w_r = Expert(x_r) = a_r W2, so <dY_r, a_r W2> = <dY_r W2^T, a_r>
-                        torch.linalg.vecdot(ga.to(acc), a.to(acc), out=gw[sl]) if dt != acc else \
-                            torch.linalg.vecdot(ga, a, out=gw[sl])
-                    ga.mul_(we)
-                    if need_2:
-                        torch.mm(a.t(), ge.mul_(we), out=g2[e])
-                else:
-                    ge = gy[sl]
-                    ga = ge @ w2c[e].t()
-                    if need_2:
-                        torch.mm(a.t(), ge, out=g2[e])
-                del a
-                gh3 = s.mul_(ga)  # d/d(x W3) = dA * silu(x W1)
-                gh1 = torch.ops.aten.silu_backward(ga.mul_(a3), a1)  # d/d(x W1) = dA * x W3 * silu'(x W1)
-                del s, ga
-                if need_1:
-                    torch.mm(xe.t(), gh1, out=g1[e])
-                if need_3:
-                    torch.mm(xe.t(), gh3, out=g3[e])
-                if need_x:
-                    if rows is None:
-                        ge_x = torch.mm(gh1, w1c[e].t(), out=gx[sl])
-                        ge_x.addmm_(gh3, w3c[e].t())
+            ranges = expert_ranges(sizes, ctx.workers)
+            gxs: list[torch.Tensor] = []
+            if need_x:  # gathered rows scatter into [N, Din]: one buffer per concurrent range
+                gxs = ([torch.zeros(ctx.n_rows, Din, dtype=acc, device=gy.device) for _ in ranges]
+                       if rows is not None else [torch.empty(ctx.n_rows, Din, dtype=dt, device=gy.device)])
+
+            def run(groups: list[tuple[int, int, int]], i: int) -> None:
+                gx = (gxs[i] if rows is not None else gxs[0]) if need_x else None
+                for e, start, n in groups:
+                    sl = slice(start, start + n)
+                    xe = xc.index_select(0, rows[sl]) if rows is not None else xc[sl]  # [n, Din]
+                    if ctx.recompute:
+                        a1, a3 = xe @ w1c[e], xe @ w3c[e]
                     else:
-                        ge_x = gh1 @ w1c[e].t()
-                        ge_x.addmm_(gh3, w3c[e].t())
-                        gx.index_add_(0, rows[sl], ge_x if ge_x.dtype == acc else ge_x.to(acc))
+                        a1, a3 = h1[sl], h3[sl]
+                    s = F.silu(a1)  # [n, F]
+                    a = s * a3  # SwiGLU output, the input of W2
+                    if combine:
+                        ge = gy.index_select(0, rows[sl])  # [n, Din], dY of the (sub-)tokens of these rows
+                        ga = ge @ w2c[e].t()  # [n, F], gradient of the unweighted expert's hidden
+                        we = w[sl].to(dt).unsqueeze(1)
+                        if need_w:  # d y / d w_r = Expert(x_r) = a_r W2, so <dY_r, a_r W2> = <dY_r W2^T, a_r>
+                            torch.linalg.vecdot(ga.to(acc), a.to(acc), out=gw[sl]) if dt != acc else \
+                                torch.linalg.vecdot(ga, a, out=gw[sl])
+                        ga.mul_(we)
+                        if need_2:
+                            torch.mm(a.t(), ge.mul_(we), out=g2[e])
+                    else:
+                        ge = gy[sl]
+                        ga = ge @ w2c[e].t()
+                        if need_2:
+                            torch.mm(a.t(), ge, out=g2[e])
+                    del a
+                    gh3 = s.mul_(ga)  # d/d(x W3) = dA * silu(x W1)
+                    gh1 = torch.ops.aten.silu_backward(ga.mul_(a3), a1)  # d/d(x W1) = dA * x W3 * silu'(x W1)
+                    del s, ga
+                    if need_1:
+                        torch.mm(xe.t(), gh1, out=g1[e])
+                    if need_3:
+                        torch.mm(xe.t(), gh3, out=g3[e])
+                    if need_x:
+                        if rows is None:
+                            ge_x = torch.mm(gh1, w1c[e].t(), out=gx[sl])
+                            ge_x.addmm_(gh3, w3c[e].t())
+                        else:
+                            ge_x = gh1 @ w1c[e].t()
+                            ge_x.addmm_(gh3, w3c[e].t())
+                            gx.index_add_(0, rows[sl], ge_x if ge_x.dtype == acc else ge_x.to(acc))
+
+            _run_ranges(run, ranges, gy.device)
+            gx = gxs[0] if need_x else None
+            for other in gxs[1:]:
+                gx.add_(other)
         w1d, w3d, w2d = ctx.w_dtypes
         return (gx.to(ctx.x_dtype) if need_x else None,
                 gw.to(w.dtype) if need_w else None,
                 g1.to(w1d) if need_1 else None,
                 g3.to(w3d) if need_3 else None,
                 g2.to(w2d) if need_2 else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def sorted_experts(x: torch.Tensor, w: torch.Tensor | None, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-                   rows: torch.Tensor | None, sizes: list[int], n_out: int, recompute: bool = False) -> torch.Tensor:
+                   rows: torch.Tensor | None, sizes: list[int], n_out: int, recompute: bool = False,
+                   workers: int = 1) -> torch.Tensor:
     """Functional form of `SortedExpertsFn` (see there); matmuls in the autocast dtype when autocast is on."""
-    return SortedExpertsFn.apply(x, w, w1, w3, w2, rows, sizes, n_out, recompute, _compute_dtype(x))
+    return SortedExpertsFn.apply(x, w, w1, w3, w2, rows, sizes, n_out, recompute, _compute_dtype(x), workers)
 
 
 class Experts(nn.Module):
     """E SwiGLU experts Din -> F -> Din, weights stacked as w1, w3: [E, Din, F] and w2: [E, F, Din].
 
     recompute: keep no [S, F] activation for the backward (recompute x W1, x W3 there); sorted dispatch only.
+    threading: "auto" | "intra-op" | "inter-expert", how CPU threads share the expert loop (module docstring);
+        sorted dispatch only.
     """
 
     def __init__(self, num_experts: int, in_dim: int, hidden_dim: int, dispatch: str = "sorted",
-                 recompute: bool = False) -> None:
+                 recompute: bool = False, threading: str = "auto") -> None:
         super().__init__()
         self.num_experts, self.in_dim, self.hidden_dim, self.dispatch = num_experts, in_dim, hidden_dim, dispatch
-        self.recompute = recompute
+        self.recompute, self.threading = recompute, threading
         self.w1 = nn.Parameter(torch.empty(num_experts, in_dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, in_dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, in_dim))
@@ -231,7 +335,8 @@ class Experts(nn.Module):
         w_sorted = weights.reshape(-1).index_select(0, order)  # [S'] combine weight of each sorted assignment
         if self._fused():
             sizes = kept_counts.tolist()  # the one host sync of the layer
-            y = sorted_experts(x, w_sorted, self.w1, self.w3, self.w2, rows, sizes, N, self.recompute)
+            workers = expert_workers(self.threading, x.device, sizes)
+            y = sorted_experts(x, w_sorted, self.w1, self.w3, self.w2, rows, sizes, N, self.recompute, workers)
             return y, stats
         xs = x.index_select(0, rows)  # [S', Din] rows sorted by expert
         ys = self._run_sorted(xs, kept_counts)  # [S', Din]
@@ -248,4 +353,5 @@ class Experts(nn.Module):
             h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)  # [S', F]
             return F.grouped_mm(h, w2, offs=offs)
         sizes = counts.tolist()  # the one host sync of the layer
-        return sorted_experts(xs, None, self.w1, self.w3, self.w2, None, sizes, xs.shape[0], self.recompute)
+        workers = expert_workers(self.threading, xs.device, sizes)
+        return sorted_experts(xs, None, self.w1, self.w3, self.w2, None, sizes, xs.shape[0], self.recompute, workers)

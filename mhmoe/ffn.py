@@ -19,6 +19,7 @@ from torch import nn
 from mhmoe.configbase import Config, ConfigError
 
 Dispatch = Literal["sorted", "grouped_mm"]
+Threading = Literal["auto", "intra-op", "inter-expert"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class FFNConfig(Config):
             (torch's grouped GEMM over the same sorted layout).
         recompute: keep no [N*K, F] expert activations for the backward and recompute the experts' W1/W3
             products there instead (less memory, 2/9 more expert matmul FLOPs in training; sorted dispatch).
+        threading: how CPU threads share the experts (sorted dispatch; no effect on CUDA or at 1 thread):
+            "intra-op" runs one expert after another, each matmul on all torch threads; "inter-expert" runs T
+            ranges of experts at once, one thread each; "auto" = inter-expert when there are at least
+            16 non-empty experts per thread (MH-MoE's many small experts), else intra-op.
     """
 
     kind: Literal["dense", "moe"] = "moe"
@@ -63,6 +68,7 @@ class FFNConfig(Config):
     capacity_factor: float = 0.0
     dispatch: Dispatch = "sorted"
     recompute: bool = False
+    threading: Threading = "auto"
 
     def validate(self) -> None:
         if self.dim <= 0:

@@ -31,7 +31,8 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.head = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.head_layer else None
         self.router = TopKRouter(cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.jitter)
-        self.experts = Experts(cfg.num_experts, cfg.head_dim, cfg.hidden_dim, cfg.dispatch, cfg.recompute)
+        self.experts = Experts(cfg.num_experts, cfg.head_dim, cfg.hidden_dim, cfg.dispatch, cfg.recompute,
+                               cfg.threading)
         self.merge = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.merge_layer else None
         self.shared = SwiGLU(cfg.dim, cfg.shared_hidden_dim) if cfg.shared_hidden_dim > 0 else None
 

@@ -79,6 +79,36 @@ def test_bench_layers_json_contract(capsys):
     assert set(out["meta"]["gemm_gflops"]) == {"float32/fwd", "float32/fwd+bwd"}
 
 
+def test_frac_of_gemm_pairs_each_round_with_the_gemm_of_that_round():
+    from mhmoe.bench import paired_frac_of_gemm
+
+    # Rates per round, layer / GEMM: (6/2)/(6/1) = 0.5, (6/4)/(6/2) = 0.5, (6/3)/(6/3) = 1.0 -> median 0.5; a
+    # ratio of medians would give (6/3)/(6/2) = 0.667.
+    assert paired_frac_of_gemm(6.0, [2.0, 4.0, 3.0], 6.0, [1.0, 2.0, 3.0]) == pytest.approx(0.5)
+    assert paired_frac_of_gemm(12.0, [1.0], 6.0, [1.0]) == pytest.approx(2.0)
+
+
+def test_bench_layers_intra_op_impl_only_with_threads(capsys):
+    before = torch.get_num_threads()
+    try:
+        _intra_op_impl_only_with_threads(capsys)
+    finally:
+        torch.set_num_threads(before)  # --threads sets the process's torch threads
+
+
+def _intra_op_impl_only_with_threads(capsys):
+    argv = ["bench", "layers", "--json", "--tokens", "64", "--dim", "96", "--hidden-dim", "256", "--num-experts",
+            "4", "--rounds", "1", "--dtypes", "float32", "--modes", "fwd+bwd", "--impls", "sorted,intra-op",
+            "--no-hf", "--no-memory"]
+    assert main([*argv, "--threads", "2"]) == 0
+    recs = json.loads(capsys.readouterr().out)["records"]
+    assert {r["variant"] for r in recs if r["impl"] == "intra-op"} == {"smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"}
+    assert all(r["threads"] == 2 for r in recs)
+    assert main([*argv, "--threads", "1"]) == 0  # at one thread intra-op is the sorted layer itself: not repeated
+    recs = json.loads(capsys.readouterr().out)["records"]
+    assert not [r for r in recs if r["impl"] == "intra-op"] and all(r["threads"] == 1 for r in recs)
+
+
 def test_bench_train_json_contract(capsys):
     assert main(["bench", "train", "--json", "--preset", "smoke", "--variants", "smoe,mhmoe-h3", "--rounds", "1",
                  "--threads", "1"]) == 0
