@@ -122,18 +122,22 @@ def expert_ranges(sizes: list[int], parts: int) -> list[list[tuple[int, int, int
     return [r for r in ranges if r]
 
 
-def _run_ranges(fn: Callable[[list[tuple[int, int, int]], int], None], ranges: list, device: torch.device) -> None:
-    """fn(range, i) for every range: inline when there is one, else concurrently on the worker pool."""
+def _run_ranges(fn: Callable[[list[tuple[int, int, int]], int], None], ranges: list, device: torch.device,
+                workers: int | None = None) -> None:
+    """fn(range, i) for every range: inline when there is one, else concurrently on the pool of `workers`
+    (default: one per range) threads."""
     if len(ranges) == 1:
         fn(ranges[0], 0)
         return
+    # Grad mode, inference mode and autocast are per thread: workers start with autograd on, so carry the
+    # caller's inference mode over (its buffers are inference tensors) and switch the rest off.
+    inference = torch.is_inference_mode_enabled()
 
     def task(i: int) -> None:
-        # Worker threads start with autograd on and autocast off: the experts' inner ops want neither.
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        with torch.inference_mode(inference), torch.no_grad(), torch.autocast(device.type, enabled=False):
             fn(ranges[i], i)
 
-    pool = _worker_pool(len(ranges))
+    pool = _worker_pool(workers or len(ranges))
     for f in [pool.submit(task, i) for i in range(len(ranges))]:
         f.result()
 
@@ -194,7 +198,7 @@ class SortedExpertsFn(torch.autograd.Function):
                     ye = ye.mul_(we) if ye.dtype == acc else ye.to(acc).mul_(we)
                     out.index_add_(0, rows[sl], ye)
 
-            _run_ranges(run, ranges, x.device)
+            _run_ranges(run, ranges, x.device, workers)
             out = outs[0]
             for other in outs[1:]:
                 out.add_(other)
@@ -269,7 +273,7 @@ class SortedExpertsFn(torch.autograd.Function):
                             ge_x.addmm_(gh3, w3c[e].t())
                             gx.index_add_(0, rows[sl], ge_x if ge_x.dtype == acc else ge_x.to(acc))
 
-            _run_ranges(run, ranges, gy.device)
+            _run_ranges(run, ranges, gy.device, ctx.workers)
             gx = gxs[0] if need_x else None
             for other in gxs[1:]:
                 gx.add_(other)

@@ -142,6 +142,17 @@ def test_worker_pool_threads_use_one_intra_op_thread_and_leave_the_callers_setti
     assert _worker_pool(2) is _worker_pool(2)
 
 
+def test_inter_expert_threads_under_inference_mode(two_threads):
+    torch.manual_seed(0)
+    layer = _make(VARIANTS["mhmoe-h3-shared"].replace(threading="inter-expert"))
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        y = layer(x)[0]
+    with torch.inference_mode():  # the output and dX buffers are inference tensors, written in the workers
+        y_inf = layer(x)[0]
+    assert torch.equal(y_inf, y)
+
+
 def test_worker_errors_reach_the_caller(two_threads):
     def fn(groups, i):
         if i == 1:
