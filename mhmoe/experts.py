@@ -106,7 +106,8 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
 def expert_ranges(sizes: list[int], parts: int) -> list[list[tuple[int, int, int]]]:
     """Split the non-empty expert groups into <= `parts` contiguous ranges of about equal rows.
 
-    sizes: rows per expert (sorted layout). Returns per range a list of (expert, first row, rows).
+    sizes: rows per expert (sorted layout). Returns per range a list of (expert, first row, rows); one empty
+    range when there are no rows at all.
     """
     total = sum(sizes)
     ranges: list[list[tuple[int, int, int]]] = [[]]
@@ -119,7 +120,7 @@ def expert_ranges(sizes: list[int], parts: int) -> list[list[tuple[int, int, int
             ranges.append([])
         ranges[-1].append((e, start, n))
         start += n
-    return [r for r in ranges if r]
+    return [r for r in ranges if r] or [[]]
 
 
 def _run_ranges(fn: Callable[[list[tuple[int, int, int]], int], None], ranges: list, device: torch.device,

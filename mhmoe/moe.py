@@ -64,6 +64,6 @@ class MoELayer(nn.Module):
             z_loss=z,
             router_entropy=router_entropy(routing.logits).detach(),
             tokens_per_expert=stats.tokens_per_expert,
-            dropped_fraction=torch.tensor(stats.dropped / routing.indices.numel(), device=x.device),
+            dropped_fraction=torch.tensor(stats.dropped / max(1, routing.indices.numel()), device=x.device),
         )
         return y.reshape(shape), aux

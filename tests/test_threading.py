@@ -100,11 +100,13 @@ def test_expert_ranges_are_contiguous_cover_every_group_and_balance_rows(sizes, 
     for e, s, n in flat:
         assert n == sizes[e] and s == sum(sizes[:e])
         start = s + n
+    if not flat:
+        assert ranges == [[]]  # nothing to run: one empty range
+        return
     assert len(ranges) <= parts and all(ranges)
-    if flat:
-        share, biggest = sum(sizes) / parts, max(sizes)
-        # A range can only overshoot its share by less than the group that crossed the boundary.
-        assert all(sum(n for _, _, n in r) < share + biggest for r in ranges)
+    share, biggest = sum(sizes) / parts, max(sizes)
+    # A range can only overshoot its share by less than the group that crossed the boundary.
+    assert all(sum(n for _, _, n in r) < share + biggest for r in ranges)
     if sizes == [384] * 96:
         assert [len(r) for r in ranges] == [48, 48]
 
@@ -151,6 +153,17 @@ def test_inter_expert_threads_under_inference_mode(two_threads):
     with torch.inference_mode():  # the output and dX buffers are inference tensors, written in the workers
         y_inf = layer(x)[0]
     assert torch.equal(y_inf, y)
+
+
+@pytest.mark.parametrize("mode", ["intra-op", "inter-expert"])
+def test_an_empty_batch_gives_an_empty_output_and_gradient(mode, two_threads):
+    layer = _make(VARIANTS["mhmoe-h3-shared"].replace(threading=mode))
+    x = torch.randn(0, 5, D, requires_grad=True)
+    y, aux = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert aux.tokens_per_expert.tolist() == [0] * 12 and aux.dropped_fraction.item() == 0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in layer.experts.parameters())
 
 
 def test_worker_errors_reach_the_caller(two_threads):
