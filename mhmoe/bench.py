@@ -2,7 +2,7 @@
 
     mhmoe bench layers [--json] [--tokens 4096] [--dim 768] [--hidden-dim 2048] [--num-experts 8] [--threads 1]
                        [--rounds 4] [--dtypes float32,bfloat16] [--impls sorted,grouped_mm,naive,intra-op] [--no-hf]
-    mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--rounds 4] [--threads 0]
+    mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--rounds 4] [--threads 0] [--compile]
 
 Layers: the paper's five FFNs, FLOPs-matched by the section 2.3 calculator (at d=768: SMoE 8 x 2048 top-1,
 fine-grained 16 x 1024 top-2, MH-MoE h=2 40 x 768 top-2, h=3 96 x 512 top-3, dense SwiGLU 2048), and Hugging
@@ -28,7 +28,9 @@ layer's whole work, head, router and dispatch included, as a fraction of what th
 tensor memory (parameters included) during one untimed pass, from torch's MemTracker.
 
 Train: one optimizer step (forward, backward, AdamW) of the preset's model per variant on random tokens, in
-shuffled rounds like the layers; tokens/s = batch tokens / median step time.
+shuffled rounds like the layers; tokens/s = batch tokens / median step time. `--compile` wraps each model in
+torch.compile (the experts' dispatch stays eager, see `Experts.forward`); `warmup_s` records the untimed warm-up
+steps (two when compiling, one otherwise), which is where the compilation happens.
 
 Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, N = T*H sub-tokens.
 """
@@ -467,26 +469,33 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
         torch.manual_seed(args.seed + i)
         model = Transformer(cfg.model)
         opt = build_optimizer(model, cfg.optim)
+        net = torch.compile(model) if args.compile else model
         gen = torch.Generator().manual_seed(args.seed)
         idx = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=gen)
         inp, tgt = idx[:, :-1], idx[:, 1:]  # [B, T]
 
-        def step(model=model, opt=opt, inp=inp, tgt=tgt) -> None:
+        def step(net=net, opt=opt, inp=inp, tgt=tgt) -> None:
             opt.zero_grad(set_to_none=True)
-            model(inp, tgt).loss.backward()
+            net(inp, tgt).loss.backward()
             opt.step()
 
-        def fwd_bwd(model=model, inp=inp, tgt=tgt) -> None:
+        def fwd_bwd(net=net, model=model, inp=inp, tgt=tgt) -> None:
             model.zero_grad(set_to_none=True)
-            model(inp, tgt).loss.backward()
+            net(inp, tgt).loss.backward()
 
         steps[variant] = step
         info[variant] = (cfg, model, fwd_bwd)
     t0 = time.perf_counter()
-    for variant in args.variants:  # warm-up
-        steps[variant]()
+    warmup_s = {}
+    for variant in args.variants:  # warm-up (and compilation: a second step catches the recompiles of step 2)
+        t = time.perf_counter()
+        for _ in range(2 if args.compile else 1):
+            steps[variant]()
+        warmup_s[variant] = time.perf_counter() - t
     peak = {}
-    if not args.no_memory:
+    if args.compile and not args.no_memory:
+        log("[train] --compile: no peak-memory pass (MemTracker does not follow compiled graphs)")
+    if not args.no_memory and not args.compile:
         for variant, (_, model, fwd_bwd) in info.items():
             peak[variant] = peak_memory_mb(model, fwd_bwd)
     log(f"[train] warm-up: {time.perf_counter() - t0:.1f} s")
@@ -518,6 +527,7 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
             "frac_of_gemm": paired_frac_of_gemm(gflops * med, ts, gemm_flops / 1e9, times["gemm"]),
             "peak_mem_mb": peak.get(variant), "ratio_to_smoe": _median_ratio(ts, base) if base else None,
             "tok_per_s": n_tok / med, "tokens_per_step": n_tok, "preset": args.preset,
+            "compiled": bool(args.compile), "warmup_s": warmup_s[variant],
             "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
         })
     return records, {"float32/train": gemm_rate}
@@ -608,7 +618,8 @@ def _cli(args: argparse.Namespace) -> int:
             print()
     if args.what == "train":
         for r in records:
-            print(f"{r['variant']:<14} {r['tok_per_s']:8.0f} tokens/s  x smoe {r['ratio_to_smoe'] or 0:.2f}")
+            print(f"{r['variant']:<14} {r['tok_per_s']:8.0f} tokens/s  x smoe {r['ratio_to_smoe'] or 0:.2f}  "
+                  f"warm-up {r['warmup_s']:.1f} s")
     return 0
 
 
@@ -632,6 +643,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--variants", default=",".join(PAPER_LAYERS), help="comma-separated model variants")
     tr.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     tr.add_argument("--rounds", type=int, default=4, help="timed rounds (default 4)")
+    tr.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up time in warmup_s)")
     for q in (lay, tr):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")

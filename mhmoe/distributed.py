@@ -122,6 +122,7 @@ class ExpertParallelExperts(Experts):
         return (f"experts {self.ep_rank * self.local_experts}..{(self.ep_rank + 1) * self.local_experts - 1} of "
                 f"{self.num_experts}, in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, ep={self.ep_size}")
 
+    @torch.compiler.disable  # data-dependent splits, as Experts.forward
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, capacity: int | None = None
     ) -> tuple[torch.Tensor, DispatchStats]:

@@ -317,6 +317,9 @@ class Experts(nn.Module):
         """Whether forward takes the one-function fast path (plain sorted experts, `_run_sorted` not overridden)."""
         return self.dispatch == "sorted" and type(self)._run_sorted is Experts._run_sorted
 
+    # Under torch.compile the dispatch stays eager: its group sizes are data (one host sync), and a graph
+    # specialised on them would recompile for every new routing.
+    @torch.compiler.disable
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, capacity: int | None = None
     ) -> tuple[torch.Tensor, DispatchStats]:

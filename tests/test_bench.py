@@ -120,6 +120,26 @@ def test_bench_train_json_contract(capsys):
     assert recs[0]["ratio_to_smoe"] == 1.0
 
 
+def test_bench_train_compile_flag(capsys, monkeypatch):
+    import torch._dynamo
+
+    compiled = []
+    real = torch.compile
+
+    def aot_eager(model, **kw):  # dynamo and autograd tracing without inductor's C++ build
+        compiled.append(type(model).__name__)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    assert main(["bench", "train", "--json", "--preset", "smoke", "--variants", "smoe", "--rounds", "2",
+                 "--threads", "1", "--compile"]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)["records"]
+    assert compiled == ["Transformer"] and rec["compiled"] is True and rec["warmup_s"] > 0
+    assert rec["peak_mem_mb"] is None  # no memory pass over compiled graphs
+    assert rec["median_ms"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "layers", "--dtypes", "float16"], "--dtypes: expected a comma-separated subset of float32, bfloat16"),
     (["bench", "layers", "--dim", "100"], "--dim: must be divisible by 2 and 3"),
