@@ -24,8 +24,9 @@ contiguous random g with x.requires_grad (dX included), gradients set to None be
 analytic matmul FLOPs of `mhmoe.complexity` (x3 for fwd+bwd). `frac_of_gemm` compares with one plain
 [T, D] x [D, F] matmul (fwd: 1 matmul; fwd+bwd: its 3) timed in the same rounds: the median over rounds of the
 layer's rate / the GEMM's rate in that round, so a slow stretch of the shared machine hits both alike. It is the
-layer's whole work, head, router and dispatch included, as a fraction of what the machine's GEMM does. `peak_mem_mb` is the peak of live
-tensor memory (parameters included) during one untimed pass, from torch's MemTracker.
+layer's whole work, head, router and dispatch included, as a fraction of what the machine's GEMM does.
+`peak_mem_mb` is the peak of live tensor memory (parameters included) during one untimed pass, from torch's
+MemTracker.
 
 Train: one optimizer step (forward, backward, AdamW) of the preset's model per variant on random tokens, in
 shuffled rounds like the layers; tokens/s = batch tokens / median step time. `--compile` wraps each model in
@@ -636,7 +637,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--dtypes", default=None,
                      help="float32 and/or bfloat16 (default: both where the CPU has native bf16, else float32)")
     lay.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
-    lay.add_argument("--impls", default="sorted", help="our implementations: sorted, grouped_mm, naive, intra-op (default sorted)")
+    lay.add_argument("--impls", default="sorted",
+                     help="our implementations: sorted, grouped_mm, naive, intra-op (default sorted)")
     lay.add_argument("--no-hf", action="store_true", help="leave out transformers' Mixtral block")
     tr = what.add_parser("train", help="whole-model training steps per second of the preset's five variants")
     tr.add_argument("--preset", default="tiny", help="smoke, demo, tiny, gpu or paper sizes (default tiny)")
