@@ -9,7 +9,7 @@ fine-grained 16 x 1024 top-2, MH-MoE h=2 40 x 768 top-2, h=3 96 x 512 top-3, den
 Face transformers' own Mixtral sparse MoE block of the SMoE's sizes (top-1, 8 experts) under every
 `experts_implementation` it runs on this device (variant `hf-<implementation>`). The peer is loaded with our SMoE's
 weights and checked to compute the same function before anything is timed (Mixtral renormalises its top-k
-weights, which at top-1 is a weight of 1: compared against our layer with `renormalize=True`).
+weights, which at top-1 is a weight of 1: compared against our layer with `renormalize="always"`).
 
 Implementations of our MoE variants (`--impls`): `sorted` (the layer as built, threading="auto"), `grouped_mm`
 (the same parameters with dispatch="grouped_mm"), `naive` (`naive_forward`: the common per-expert loop that
@@ -372,7 +372,7 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
             log("transformers is not installed: no hf-* peer (pip install 'mhmoe[hf]')")
         # The same function is checked in fp32: in bf16 Mixtral's router matmul runs in bf16 and ours in fp32,
         # so near-ties route differently by design.
-        ref = build_ffn(smoe_layer.cfg.replace(renormalize=True))  # Mixtral renormalises its top-k weights
+        ref = build_ffn(smoe_layer.cfg.replace(renormalize="always"))  # Mixtral renormalises its top-k weights
         ref.load_state_dict(smoe_layer.state_dict())
         flops = flops_per_token(smoe_layer.cfg).total * args.tokens
         for name in names:

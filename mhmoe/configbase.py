@@ -11,7 +11,7 @@ import dataclasses
 import json
 import types
 import typing
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
 C = TypeVar("C", bound="Config")
 
@@ -102,12 +102,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 class Config:
     """Base class: subclasses are frozen dataclasses that validate themselves in `validate()`."""
 
+    # {field: {old value: new value}}: values that older configs (run directories, scripts) wrote for a field
+    # whose type has since changed; translated before the type check, so those configs still load.
+    LEGACY: ClassVar[dict[str, dict[Any, Any]]] = {}
+
+    @classmethod
+    def _upgrade(cls, name: str, value: Any) -> Any:
+        table = cls.LEGACY.get(name)
+        if not table:
+            return value
+        key = value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            key = value.lower() == "true"
+        if isinstance(key, bool) and key in table:
+            return table[key]
+        return table.get(key, value) if isinstance(key, str) else value
+
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value = self._upgrade(f.name, getattr(self, f.name))
             coerced = _coerce(value, hints[f.name], f"{type(self).__name__}.{f.name}")
-            if coerced is not value:
+            if coerced is not getattr(self, f.name):
                 object.__setattr__(self, f.name, coerced)
         self.validate()
 
@@ -126,7 +142,7 @@ class Config:
                 f"{prefix}{unknown[0]}: unknown key for {cls.__name__}; valid keys: {', '.join(sorted(names))}"
             )
         hints = get_type_hints(cls)
-        kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+        kwargs = {k: _coerce(cls._upgrade(k, v), hints[k], f"{prefix}{k}") for k, v in data.items()}
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,4 +184,5 @@ class Config:
         hint = get_type_hints(type(self))[head]
         if isinstance(value, str) and (hint is Any or get_origin(hint) in (dict,)):
             value = json.loads(value)
+        value = self._upgrade(head, value)
         return self.replace(**{head: _coerce(value, hint, f"{type(self).__name__}.{head}")})

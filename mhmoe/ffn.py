@@ -19,6 +19,7 @@ from torch import nn
 from mhmoe.configbase import Config, ConfigError
 
 Dispatch = Literal["sorted", "grouped_mm"]
+Renormalize = Literal["auto", "always", "never"]
 Threading = Literal["auto", "intra-op", "inter-expert"]
 
 
@@ -36,7 +37,11 @@ class FFNConfig(Config):
         head_layer: apply the D x D head projection W_head before splitting, eq. (2).
         merge_layer: apply the D x D merge projection W_merge after concatenating, eq. (4).
         shared_hidden_dim: hidden width of an always-on shared expert on the full token; 0 = none.
-        renormalize: renormalise the top-k softmax weights to sum to 1 (the paper does not; off by default).
+        renormalize: whether the top-k softmax weights are renormalised to sum to 1. "auto" (default) does so
+            when top_k > 1 and keeps the raw softmax probability at top_k = 1, as the authors' runs do (their
+            script passes --moe-normalize-gate-prob-before-dropping to fairseq's top-k gate; the paper's text is
+            silent). "always" also renormalises top-1 (weight 1, as Mixtral); "never" keeps raw probabilities
+            for every k. Booleans from older configs load as True -> "always", False -> "never".
         lb_coef: coefficient of the Switch/GShard load-balancing loss.
         z_coef: coefficient of the router z-loss (0 = off).
         jitter: multiplicative input jitter eps for the router in training (0 = off).
@@ -61,7 +66,7 @@ class FFNConfig(Config):
     head_layer: bool = False
     merge_layer: bool = False
     shared_hidden_dim: int = 0
-    renormalize: bool = False
+    renormalize: Renormalize = "auto"
     lb_coef: float = 0.01
     z_coef: float = 0.0
     jitter: float = 0.0
@@ -106,6 +111,13 @@ class FFNConfig(Config):
             )
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
+
+    LEGACY = {"renormalize": {True: "always", False: "never"}}  # configs written before it had three modes
+
+    @property
+    def renormalizes(self) -> bool:
+        """Whether this layer's router renormalises its top-k weights (`renormalize` resolved for top_k)."""
+        return self.renormalize == "always" or (self.renormalize == "auto" and self.top_k > 1)
 
     @property
     def head_dim(self) -> int:

@@ -10,7 +10,9 @@ Shape legend: B batch, T time, P cached positions, D model dim, A attention head
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,11 @@ class ModelConfig(Config):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # How the D x D head and merge projections start (docs/DESIGN.md, "Initialisation"): "fan_in" = N(0, 1/D),
+    # norm-preserving (the variance of the authors' Xavier init for a square matrix), the merge not residual-
+    # scaled since the experts' W2 already is; "init_std" = N(0, init_std) with the merge residual-scaled as well,
+    # the behaviour before the fairness fix, which starts MH-MoE's block output ~1e4 weaker than SMoE's.
+    head_merge_init: Literal["fan_in", "init_std"] = "fan_in"
     merge_after_residual: bool = False
     bitnet: bool = False  # BitNet b1.58 twin (Table 3): ternary weights, 8-bit activations; see mhmoe.bitnet
     bitnet_router: bool = False  # with bitnet, quantise the MoE routers too (ablation; full precision otherwise)
@@ -179,17 +186,34 @@ class Transformer(nn.Module):
             convert(self, router=cfg.bitnet_router)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """N(0, init_std) everywhere; projections into the residual stream scaled by 1/sqrt(2 n_layers)."""
-        std = self.cfg.init_std
-        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """GPT-2 init: N(0, init_std), norms 1, projections into the residual stream (attention out, every
+        SwiGLU W2, the experts' W2) N(0, init_std / sqrt(2 n_layers)); head and merge per `head_merge_init`.
+
+        Every parameter draws from its own generator, seeded by (seed, parameter name): two variants built with
+        the same seed start with identical embeddings, attention and dense FFNs, whatever their MoE blocks hold,
+        so seeds pair the variants' shared modules as well as their data order. seed=None draws the base seed
+        from torch's global generator (so `torch.manual_seed(s)` before construction fixes the init).
+        """
+        cfg = self.cfg
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
+        std = cfg.init_std
+        resid_std = std / math.sqrt(2 * cfg.n_layers)
         for name, p in self.named_parameters():
+            if p.is_meta:  # built on the meta device to be loaded (from_pretrained, export): no values to draw
+                continue
+            gen = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % 2**63)
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+                continue
+            if name.endswith((".head.weight", ".merge.weight")) and cfg.head_merge_init == "fan_in":
+                p_std = 1.0 / math.sqrt(p.shape[1])  # eq. (2)/(4): x W_head keeps |x| (E|xW|^2 = |x|^2)
             elif name.endswith(("attn.out.weight", ".w2.weight", "experts.w2", "merge.weight")):
-                p.normal_(0.0, resid_std)
+                p_std = resid_std  # once per residual branch: for MH-MoE that is the experts' W2, not the merge
             else:
-                p.normal_(0.0, std)
+                p_std = std
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu").mul_(p_std))
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None

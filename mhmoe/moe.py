@@ -30,7 +30,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"FFNConfig.kind: MoELayer needs kind='moe', got {cfg.kind!r}")
         self.cfg = cfg
         self.head = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.head_layer else None
-        self.router = TopKRouter(cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.jitter)
+        self.router = TopKRouter(cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.renormalizes, cfg.jitter)
         self.experts = Experts(cfg.num_experts, cfg.head_dim, cfg.hidden_dim, cfg.dispatch, cfg.recompute,
                                cfg.threading)
         self.merge = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.merge_layer else None

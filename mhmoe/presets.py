@@ -6,8 +6,12 @@ restated, so every scale gets its own FLOPs- and parameter-matched MH-MoE.
 
 Variant grammar: BASE[-MOD...], BASE in {dense, smoe, fine-grained, mhmoe-hN}, MOD in
     shared   add a shared expert of width F to a MoE model (Table 2)
-    hm       add head and merge layers to smoe / fine-grained (Table 4)
-    nohm, nohead, nomerge   MH-MoE without both / the head / the merge layer, re-matched (Tables 4-5)
+    hm       add head and merge layers (2 D^2 more FLOPs) to smoe / fine-grained, or to an MH-MoE sized
+             without them (`mhmoe-h2-nohm-hm`: Table 4's "MH-MoE with head & merge" row)
+    nohm, nohead, nomerge        MH-MoE without both / the head / the merge layer, re-matched: the experts are
+                                 re-sized by the calculator to the SMoE's FLOPs without those layers (Table 4)
+    drophm, drophead, dropmerge  MH-MoE with Table 1's expert sizes and the layers removed, not re-matched, so
+                                 it has fewer FLOPs (Table 5, as the paper's numbers imply; docs/REPRODUCTION.md)
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from mhmoe.model import ModelConfig
 from mhmoe.train import OptimConfig, TrainConfig
 
 PAPER_VARIANTS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
-_VARIANT = re.compile(r"^(dense|smoe|fine-grained|mhmoe-h([1-9][0-9]*))((?:-(?:shared|hm|nohm|nohead|nomerge))*)$")
+_MODS = ("shared", "hm", "nohm", "nohead", "nomerge", "drophm", "drophead", "dropmerge")
+_VARIANT = re.compile(r"^(dense|smoe|fine-grained|mhmoe-h([1-9][0-9]*))((?:-(?:" + "|".join(_MODS) + r"))*)$")
 
 
 @dataclass(frozen=True)
@@ -45,26 +50,37 @@ def variant_ffn(base: Base, variant: str) -> FFNConfig:
     if not m:
         raise ConfigError(
             f"--model: unknown variant {variant!r}; use one of {', '.join(PAPER_VARIANTS)} with optional "
-            "suffixes -shared, -hm (smoe/fine-grained), -nohm/-nohead/-nomerge (mhmoe-hN)"
+            "suffixes -shared, -hm (smoe/fine-grained/mhmoe-hN-nohm), -nohm/-nohead/-nomerge (re-matched) or "
+            "-drophm/-drophead/-dropmerge (not re-matched) for mhmoe-hN"
         )
-    kind, heads, mods = m.group(1), m.group(2), set(filter(None, m.group(3).split("-")))
+    kind, heads, parts = m.group(1), m.group(2), list(filter(None, m.group(3).split("-")))
+    mods = set(parts)
+    if len(mods) != len(parts):
+        raise ConfigError(f"--model: a suffix appears twice in {variant!r}")
     smoe = FFNConfig(kind="moe", dim=base.dim, hidden_dim=base.hidden_dim, num_experts=base.num_experts,
                      top_k=base.top_k)
+    removals = mods & {"nohm", "nohead", "nomerge", "drophm", "drophead", "dropmerge"}
     if kind == "dense":
         if mods:
             raise ConfigError(f"--model: the dense model takes no suffix, got {variant!r}")
         return FFNConfig(kind="dense", dim=base.dim, hidden_dim=base.hidden_dim)
     if kind in ("smoe", "fine-grained"):
-        if mods & {"nohm", "nohead", "nomerge"}:
-            raise ConfigError(f"--model: -nohm/-nohead/-nomerge apply to mhmoe-hN only, got {variant!r}")
+        if removals:
+            raise ConfigError(f"--model: -no*/-drop* suffixes apply to mhmoe-hN only, got {variant!r}")
         cfg = smoe if kind == "smoe" else fine_grained(smoe, 2)
         if "hm" in mods:
             cfg = cfg.replace(head_layer=True, merge_layer=True)
     else:
-        if "hm" in mods:
-            raise ConfigError(f"--model: MH-MoE has head and merge layers already; drop -hm from {variant!r}")
-        head = not (mods & {"nohm", "nohead"})
-        merge = not (mods & {"nohm", "nomerge"})
+        if len(removals) > 1:
+            raise ConfigError(f"--model: use one of -nohm/-nohead/-nomerge/-drophm/-drophead/-dropmerge, got {variant!r}")
+        removal = next(iter(removals), "")
+        if "hm" in mods and removal != "nohm":
+            raise ConfigError(
+                f"--model: MH-MoE has head and merge layers already; -hm applies only after -nohm (the re-matched "
+                f"model without them, Table 4), got {variant!r}"
+            )
+        gone = removal[2:] if removal.startswith("no") else ""  # re-matched: sized without these layers
+        head, merge = gone not in ("hm", "head"), gone not in ("hm", "merge")
         try:
             # The paper's leading-term recipe at every scale (router FLOPs not matched): the tiny preset then
             # keeps section 3's sizes / 4 exactly (its 40 x 192 router adds 2.1% FLOPs; 0.5% at d=768).
@@ -72,6 +88,11 @@ def variant_ffn(base: Base, variant: str) -> FFNConfig:
                                head_layer=head, merge_layer=merge, router_aware=False).mhmoe
         except ValueError as e:
             raise ConfigError(f"--model {variant}: {e}") from None
+        if removal.startswith("drop"):  # Table 1's experts, the layers taken out without re-sizing
+            dropped = removal[4:]
+            cfg = cfg.replace(head_layer=dropped not in ("hm", "head"), merge_layer=dropped not in ("hm", "merge"))
+        if "hm" in mods:  # Table 4: the model sized without head & merge, the two layers added back
+            cfg = cfg.replace(head_layer=True, merge_layer=True)
     if "shared" in mods:
         cfg = cfg.replace(shared_hidden_dim=base.hidden_dim)
     return cfg
@@ -124,6 +145,32 @@ def tiny(variant: str) -> TrainConfig:
     )
 
 
+def cpu_scale(variant: str, *, dim: int = 96, n_layers: int = 4, n_heads: int = 4, hidden_dim: int = 256,
+              steps: int = 400, lr: float = 2e-3, preset_name: str = "cpu") -> TrainConfig:
+    """The family the `cpu` preset was picked from (benchmarks/cpu_pilot.py): small models trained on many
+    tokens per parameter, which narrow the seed-paired interval per CPU-hour most (docs/REPRODUCTION.md).
+
+    Fixed across the family: the paper's 8 experts top-1 SMoE with MoE every 2nd layer, a 4096-token BPE,
+    128-token windows, 4096 tokens per step, a 10% warm-up (the `demo` schedule's 8 warm-up steps let one SMoE
+    seed spike to a grad norm of 31, which decided that pair), grad clip 1, 65,536 evaluation tokens per domain
+    at the 50% and 100% milestones.
+    """
+    base = Base(dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden_dim)
+    data = DataConfig(vocab_size=4096, tokenizer_train_bytes=4_000_000, max_eval_tokens=65_536)
+    return TrainConfig(
+        preset=preset_name, variant=variant, model=model_config(base, variant, 4096, 128), data=data,
+        optim=OptimConfig(lr=lr, warmup_steps=max(1, steps // 10)), steps=steps, batch_size=32, seq_len=128,
+        tokens_per_step=4096, eval_every=max(1, steps // 8), eval_tokens=8192, ckpt_every=max(1, steps // 8),
+    )
+
+
+def cpu(variant: str) -> TrainConfig:
+    """The CPU reproduction preset, chosen by the pilot in docs/REPRODUCTION.md for the narrowest paired
+    interval of SMoE vs MH-MoE h=3 per CPU-hour: d=96, 4 layers (2 MoE blocks), SMoE 8 x 256 top-1 (MH h=3:
+    96 x 64 on 32-dim sub-tokens), PILOT_STEPS steps of 4096 tokens."""
+    return cpu_scale(variant)
+
+
 def gpu(variant: str) -> TrainConfig:
     """One GPU, about 5 minutes per model on an H100: the paper's sizes / 2 (d=384, F=1024), 12 layers, GPT-2
     BPE, bf16, ~0.5B tokens."""
@@ -150,7 +197,7 @@ def paper(variant: str) -> TrainConfig:
     )
 
 
-PRESETS = {"smoke": smoke, "demo": demo, "tiny": tiny, "gpu": gpu, "paper": paper}
+PRESETS = {"smoke": smoke, "demo": demo, "cpu": cpu, "tiny": tiny, "gpu": gpu, "paper": paper}
 
 
 def preset(name: str, variant: str) -> TrainConfig:

@@ -38,7 +38,7 @@ def reference_forward(layer: torch.nn.Module, x: torch.Tensor, capacity: int | N
             sub = head_out[t, j * cfg.head_dim : (j + 1) * cfg.head_dim]
             probs = (sub.float() @ layer.router.weight.float().t()).softmax(-1)
             w, idx = probs.topk(cfg.top_k)
-            if cfg.renormalize:
+            if cfg.renormalizes:  # top_k > 1 under 'auto', as the authors' top-k gate
                 w = w / w.sum()
             subs.append(sub)
             routes.append((w, [int(i) for i in idx]))

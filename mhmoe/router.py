@@ -1,7 +1,8 @@
 """Top-k softmax router with load-balancing and z-losses, computed in float32.
 
-G(x) of eq. (1)/(3): softmax over E experts, then the top-k probabilities are the combine weights (the paper's
-setting; optionally renormalised). MH-MoE routes every sub-token with this one router.
+G(x) of eq. (1)/(3): softmax over E experts, then the top-k probabilities are the combine weights, renormalised
+to sum to 1 when `renormalize` is set (FFNConfig.renormalize resolves it per top_k). MH-MoE routes every sub-token
+with this one router.
 
 Shape legend: N (sub-)tokens, Din router input width (D/h), E experts, K top-k.
 """
