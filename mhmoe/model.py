@@ -170,6 +170,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Drawn before any submodule is built: their constructors consume torch's generator by amounts that
+        # differ per variant, and the init must depend on the seed alone (reset_parameters).
+        init_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -179,7 +182,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.reset_parameters(init_seed)
         if cfg.bitnet:  # swap in the BitNet modules around the initialised weights: same init as the fp model
             from mhmoe.bitnet import convert  # local import: mhmoe.bitnet imports this module
 
@@ -193,7 +196,8 @@ class Transformer(nn.Module):
         Every parameter draws from its own generator, seeded by (seed, parameter name): two variants built with
         the same seed start with identical embeddings, attention and dense FFNs, whatever their MoE blocks hold,
         so seeds pair the variants' shared modules as well as their data order. seed=None draws the base seed
-        from torch's global generator (so `torch.manual_seed(s)` before construction fixes the init).
+        from torch's global generator; the constructor draws its seed first thing, so `torch.manual_seed(s)`
+        before construction fixes the init.
         """
         cfg = self.cfg
         if seed is None:

@@ -146,7 +146,7 @@ def tiny(variant: str) -> TrainConfig:
 
 
 def cpu_scale(variant: str, *, dim: int = 96, n_layers: int = 4, n_heads: int = 4, hidden_dim: int = 256,
-              steps: int = 400, lr: float = 2e-3, preset_name: str = "cpu") -> TrainConfig:
+              steps: int = 250, lr: float = 2e-3, preset_name: str = "cpu") -> TrainConfig:
     """The family the `cpu` preset was picked from (benchmarks/cpu_pilot.py): small models trained on many
     tokens per parameter, which narrow the seed-paired interval per CPU-hour most (docs/REPRODUCTION.md).
 

@@ -269,3 +269,41 @@ def test_sorted_experts_gives_16bit_combine_weights_a_gradient_of_their_dtype():
     sorted_experts(x, w16, *ws, rows, sizes, N).backward(g)
     assert w16.grad.dtype == torch.bfloat16
     assert_close_scaled(w16.grad, w32.grad, 1e-2, "grad w")
+
+
+def _authors_topk_gate(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """fairseq/torchscale `topkgating` with --moe-normalize-gate-prob-before-dropping, written from its text:
+    top-1 keeps the raw softmax probability; for k > 1 the top-k probabilities are divided by their sum
+    (clamped at the dtype's eps)."""
+    top = probs.topk(k, dim=-1).values
+    if k == 1:
+        return top
+    return top / top.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).eps)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+def test_renormalize_modes_per_top_k(mode, k):
+    torch.manual_seed(k)
+    layer = build_ffn(FFNConfig(dim=D, hidden_dim=8, num_experts=6, top_k=k, renormalize=mode))
+    x = torch.randn(50, D)
+    routing = layer.router(x)
+    probs = (x @ layer.router.weight.t()).softmax(-1)
+    raw = probs.topk(k, dim=-1).values
+    expected = {"auto": _authors_topk_gate(probs, k), "never": raw,
+                "always": raw / raw.sum(-1, keepdim=True)}[mode]
+    torch.testing.assert_close(routing.weights, expected)
+    assert layer.cfg.renormalizes == (mode == "always" or (mode == "auto" and k > 1))
+    if mode == "always" and k == 1:
+        assert torch.equal(routing.weights, torch.ones_like(routing.weights))
+
+
+def test_renormalize_default_follows_the_authors_and_old_booleans_load():
+    assert FFNConfig().renormalize == "auto"
+    assert FFNConfig.from_dict({"renormalize": True}).renormalize == "always"
+    assert FFNConfig.from_dict({"renormalize": False}).renormalize == "never"
+    assert FFNConfig(renormalize=True).renormalize == "always"
+    assert FFNConfig().override("renormalize", "false").renormalize == "never"
+    assert FFNConfig().override("renormalize", "never").renormalize == "never"
+    with pytest.raises(ConfigError, match="FFNConfig.renormalize: 'sometimes' is not allowed; use one of 'auto'"):
+        FFNConfig().override("renormalize", "sometimes")

@@ -131,7 +131,7 @@ def test_paper_preset_is_section_3():
     [
         ("mixtral", r"--model: unknown variant 'mixtral'"),
         ("dense-shared", r"the dense model takes no suffix"),
-        ("smoe-nohm", r"-nohm/-nohead/-nomerge apply to mhmoe-hN only"),
+        ("smoe-nohm", r"-no\*/-drop\* suffixes apply to mhmoe-hN only"),
         ("mhmoe-h2-hm", r"MH-MoE has head and merge layers already"),
         ("mhmoe-h5", r"--model mhmoe-h5: heads: dim \(48\) must be divisible by heads \(5\)"),
     ],
@@ -153,3 +153,76 @@ def test_model_config_errors():
         model_config(BASE, "smoe", 97, 32).replace(n_heads=5)
     with pytest.raises(ConfigError, match=r"ModelConfig.moe_ffn.dim: must equal ModelConfig.dim"):
         model_config(BASE, "smoe", 97, 32).replace(moe_ffn=FFNConfig(dim=64))
+
+
+def _moe_block_rms(preset_name: str, variant: str, **model_changes) -> float:
+    """RMS of block 1's MoE output at initialisation for RMS-normed random input. Only that block is
+    materialised (the rest stays on the meta device), so the paper size costs one layer, not the model."""
+    cfg = preset(preset_name, variant).model.replace(**model_changes)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    block = model.blocks[1]
+    assert block.is_moe
+    block.to_empty(device="cpu")
+    model.reset_parameters(seed=0)
+    x = torch.nn.functional.rms_norm(torch.randn(2, 64, cfg.dim, generator=torch.Generator().manual_seed(1)),
+                                     (cfg.dim,))
+    with torch.no_grad():
+        y, _ = block.ffn(x)
+    return y.pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "paper"])
+def test_every_paper_variant_starts_at_the_scale_of_smoe(preset_name):
+    """A 10^4 gap in the MoE block's starting scale (MH-MoE before the fair init) is a bias the comparison must
+    not carry: every MoE variant's block output RMS at init is within 3x of SMoE's."""
+    smoe = _moe_block_rms(preset_name, "smoe")
+    for v in ("fine-grained", "mhmoe-h2", "mhmoe-h3", "smoe-hm", "mhmoe-h2-nohm", "mhmoe-h2-nohm-hm"):
+        ratio = _moe_block_rms(preset_name, v) / smoe
+        assert 1 / 3 < ratio < 3, (v, ratio)
+
+
+def test_the_old_init_and_gates_start_mhmoe_orders_of_magnitude_weaker():
+    """The negative control: N(0, 0.02) head and a residual-scaled merge, without renormalisation (the code
+    before the fix) put h=3 more than 100x below SMoE, so the test above can fail."""
+    smoe = _moe_block_rms("tiny", "smoe")
+    cfg = preset("tiny", "mhmoe-h3").model
+    old = cfg.replace(head_merge_init="init_std", moe_ffn=cfg.moe_ffn.replace(renormalize="never"))
+    with torch.device("meta"):
+        model = Transformer(old)
+    model.blocks[1].to_empty(device="cpu")
+    model.reset_parameters(seed=0)
+    x = torch.nn.functional.rms_norm(torch.randn(2, 64, old.dim), (old.dim,))
+    with torch.no_grad():
+        y, _ = model.blocks[1].ffn(x)
+    assert y.pow(2).mean().sqrt().item() < smoe / 100
+
+
+def test_same_seed_gives_shared_modules_the_same_init_across_variants():
+    """Seeds pair variants: embeddings, attention, norms and dense FFNs start identical whatever the MoE holds."""
+    a, b = _model("smoe"), _model("mhmoe-h3")
+    torch.manual_seed(7)
+    a = Transformer(a.cfg)
+    torch.manual_seed(7)
+    b = Transformer(b.cfg)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    shared = [n for n in pa if n in pb and pa[n].shape == pb[n].shape]
+    assert "embed.weight" in shared and "blocks.1.attn.qkv.weight" in shared and "blocks.0.ffn.ffn.w1.weight" in shared
+    for n in shared:
+        assert torch.equal(pa[n], pb[n]), n
+    assert not torch.equal(pa["blocks.1.ffn.router.weight"], pa["blocks.3.ffn.router.weight"])
+    torch.manual_seed(8)
+    c = Transformer(a.cfg)
+    assert not torch.equal(dict(c.named_parameters())["embed.weight"], pa["embed.weight"])
+
+
+def test_head_and_merge_init_is_norm_preserving_and_residual_scaling_is_applied_once():
+    torch.manual_seed(0)
+    model = _model("mhmoe-h2")
+    ffn = model.blocks[1].ffn
+    d = BASE.dim
+    assert ffn.head.weight.std().item() == pytest.approx(1 / d**0.5, rel=0.1)
+    assert ffn.merge.weight.std().item() == pytest.approx(1 / d**0.5, rel=0.1)
+    resid = 0.02 / (2 * BASE.n_layers) ** 0.5
+    assert ffn.experts.w2.std().item() == pytest.approx(resid, rel=0.1)
+    assert ffn.experts.w1.std().item() == pytest.approx(0.02, rel=0.1)

@@ -1,12 +1,18 @@
 """`mhmoe reproduce` on the smoke preset (real training, tiny sizes) and its verdict logic on constructed numbers."""
 
 import json
+import math
+import statistics
 
 import pytest
 
 from conftest import shared_data_root
+from mhmoe import report
 from mhmoe import reproduce as R
+from mhmoe import verdicts as V
 from mhmoe.cli import main
+from mhmoe.configbase import ConfigError
+from mhmoe.paper_tables import DOMAINS, TABLES, Row
 
 ROOT = shared_data_root()
 
@@ -15,68 +21,143 @@ def test_plan_reuses_identical_runs_across_tables():
     runs = R.plan("smoke", [1, 4, 5], seeds=2)
     ids = [r.run_id for r in runs]
     assert len(ids) == len(set(ids))
-    # T1: 5 variants; T4 adds smoe-hm, fine-grained-hm, mhmoe-h2-nohm; T5 adds -nomerge, -nohead. x 2 seeds.
-    assert len(runs) == (5 + 3 + 2) * 2
+    # T1: 5 variants; T4 adds smoe-hm, fine-grained-hm, mhmoe-h2-nohm, mhmoe-h2-nohm-hm; T5 adds the three
+    # not-re-matched ablations of Table 1's h=2. x 2 seeds.
+    assert len(runs) == (5 + 4 + 3) * 2
     # Seed-major order: a matrix stopped half-way already holds every table for seed 0.
-    assert [r.seed for r in runs] == [0] * 10 + [1] * 10 and ids[:2] == ["dense-s0", "smoe-s0"]
+    assert [r.seed for r in runs] == [0] * 12 + [1] * 12 and ids[:2] == ["dense-s0", "smoe-s0"]
     by_id = {r.run_id: r for r in runs}
-    assert by_id["mhmoe-h2-s0"].tables == [1, 4, 5] and by_id["smoe-s1"].tables == [1, 4]
+    assert by_id["mhmoe-h2-s0"].tables == [1, 5] and by_id["smoe-s1"].tables == [1, 4]
     assert by_id["mhmoe-h2-s1"].cfg.seed == by_id["mhmoe-h2-s0"].cfg.seed + 1
-    assert {r.cfg.model.moe_ffn.head_layer for r in runs if r.row.variant == "mhmoe-h2-nohead"} == {False}
     t3 = R.plan("smoke", [3], seeds=1)
-    assert len(t3) == (5 if R.bitnet_available() else 0)
+    assert len(t3) == 5
     fp = {r.row.variant: r.cfg for r in runs if r.seed == 0}
     for r in t3:  # the b1.58 recipe on top of the full-precision twin's config
         assert r.cfg.model.bitnet and r.cfg.optim.schedule == "two_stage" and r.cfg.optim.wd_off_at == 0.5
         assert r.cfg.optim.lr == pytest.approx(fp["smoe"].optim.lr * R.BITNET_LR_SCALE)
+    only = R.plan("smoke", [1], seeds=2, models=["smoe", "mhmoe-h3"])
+    assert [r.run_id for r in only] == ["smoe-s0", "mhmoe-h3-s0", "smoe-s1", "mhmoe-h3-s1"]
 
 
-def _recs(values):
-    """Records for verdicts: values = {variant: [per-seed ppl]} (same on every domain)."""
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "tiny", "paper"])
+def test_table_rows_map_to_the_models_the_paper_describes(preset):
+    """Table 4: rows without head & merge are FLOPs-equal, rows with them too (+2 D^2 per MoE block each), and
+    MH-MoE's "with" row is the re-matched model with the layers added back. Table 5: Table 1's h=2 with layers
+    removed and the experts unchanged."""
+    from mhmoe.complexity import flops_per_token
+    from mhmoe.presets import preset as make
+
+    ffn = {v: make(preset, v).model.moe_ffn for v in
+           ("smoe", "smoe-hm", "fine-grained", "fine-grained-hm", "mhmoe-h2", "mhmoe-h2-nohm", "mhmoe-h2-nohm-hm",
+            "mhmoe-h2-drophm", "mhmoe-h2-dropmerge", "mhmoe-h2-drophead")}
+    flops = {v: flops_per_token(c) for v, c in ffn.items()}
+    lead = {v: f.total - f.router for v, f in flops.items()}  # the paper matches leading terms
+    d = ffn["smoe"].dim
+    t4 = [r.variant for r in TABLES[4][1]]
+    without, with_ = [v for v in t4 if not v.endswith("-hm")], [v for v in t4 if v.endswith("-hm")]
+    assert with_ == ["smoe-hm", "fine-grained-hm", "mhmoe-h2-nohm-hm"]
+    for v in without:
+        assert lead[v] == pytest.approx(lead["smoe"], rel=0.02), v
+    for v in with_:
+        assert lead[v] == pytest.approx(lead["smoe"] + 2 * 2 * d * d, rel=0.02), v
+        base = ffn[v.removesuffix("-hm")]
+        assert ffn[v] == base.replace(head_layer=True, merge_layer=True)
+    t5 = {r.label: r.variant for r in TABLES[5][1]}
+    assert t5["w/ head, w/ merge"] == "mhmoe-h2"
+    h2 = ffn["mhmoe-h2"]
+    for label, head, merge in (("w/o head, w/o merge", False, False), ("w/ head, w/o merge", True, False),
+                               ("w/o head, w/ merge", False, True)):
+        assert ffn[t5[label]] == h2.replace(head_layer=head, merge_layer=merge), label
+        assert lead[t5[label]] == lead["mhmoe-h2"] - 2 * d * d * ((not head) + (not merge)), label
+    with pytest.raises(ConfigError, match="-hm applies only after -nohm"):
+        make(preset, "mhmoe-h2-hm")
+    with pytest.raises(ConfigError, match="use one of -nohm"):
+        make(preset, "mhmoe-h2-nohm-drophead")
+
+
+def _recs(values, columns=("100%",)):
+    """Records for verdicts: values = {variant: {seed id: loss}} (the same loss on every domain)."""
     out = []
     for v, per_seed in values.items():
-        for s, ppl in enumerate(per_seed):
-            for d in R.DOMAINS:
-                out.append({"variant": v, "bitnet": False, "column": "100%", "domain": d, "seed": s, "ppl": ppl})
+        for s, loss in per_seed.items():
+            for col in columns:
+                for d in DOMAINS:
+                    out.append({"variant": v, "bitnet": False, "column": col, "domain": d, "seed": s,
+                                "loss": loss, "ppl": math.exp(loss)})
     return out
 
 
-def test_verdict_holds_reversal_and_noise():
+def test_paired_interval_is_the_student_t_interval():
+    mean, lo, hi = V.paired_interval([-0.10, -0.12, -0.11])
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t(0.975, 2 df) * sd / sqrt(n)
+    assert mean == pytest.approx(-0.11) and (lo, hi) == pytest.approx((-0.11 - half, -0.11 + half))
+    assert math.isnan(V.paired_interval([0.3])[1])
+
+
+def test_verdict_holds_reversed_within_noise_and_one_seed():
     t1 = ["dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"]
-    holds = R.verdicts(_recs(dict(zip(t1, ([20.0, 20.1], [18.0, 18.1], [17.0, 17.1], [16.0, 16.1],
-                                              [15.0, 15.1])))), [1])
-    assert holds[1]["verdict"] == "holds"
-    reversal = R.verdicts(_recs(dict(zip(t1, ([20.0, 20.1], [18.0, 18.1], [17.0, 17.1], [15.0, 15.1],
-                                                 [16.0, 16.1])))), [1])
-    assert reversal[1]["verdict"] == "does not hold"
-    assert "MH-MoE (head=3) vs MH-MoE (head=2): -6.2" in reversal[1]["detail"]  # the reversal is named
-    # A 0.3% gap with a seed spread of ~2% is noise, not a result.
-    noisy = R.verdicts(_recs(dict(zip(t1, ([20.0, 20.1], [18.0, 18.1], [17.0, 17.1], [16.0, 16.6],
-                                              [16.4, 16.1])))), [1])
-    assert noisy[1]["verdict"] == "within noise"
-    # With one seed a fixed 0.5% floor applies.
-    one = R.verdicts(_recs({v: [p] for v, p in zip(t1, [20.0, 18.0, 17.0, 16.0, 15.96])}), [1])
-    assert one[1]["verdict"] == "within noise"
+
+    def table1(losses):
+        return V.verdicts(_recs(dict(zip(t1, losses))), [1])[1]
+
+    steps = [{1: 3.0 - i * 0.1, 2: 3.05 - i * 0.1, 3: 2.98 - i * 0.1} for i in range(5)]
+    holds = table1(steps)
+    assert holds["verdict"] == "holds" and holds["column"] == "100%"
+    comps = holds["columns"]["100%"]["comparisons"]
+    assert [c["verdict"] for c in comps] == ["holds"] * 4
+    assert comps[0]["mean_diff_nats"] == pytest.approx(-0.1) and comps[0]["n_seeds"] == 3
+    assert comps[0]["ci95"][1] < 0 and set(comps[0]["per_domain"]) == set(DOMAINS)
+    reversed_ = table1(steps[:3] + [steps[4], steps[3]])  # h=3 worse than h=2 on every seed
+    assert reversed_["verdict"] == "does not hold"
+    assert reversed_["columns"]["100%"]["comparisons"][3]["verdict"] == "reversed"
+    # h=3 better on two seeds and worse on one: the interval contains 0.
+    noisy = steps[:4] + [{1: steps[3][1] - 0.05, 2: steps[3][2] + 0.06, 3: steps[3][3] - 0.02}]
+    last = table1(noisy)["columns"]["100%"]["comparisons"][3]
+    assert last["verdict"] == "within noise" and last["ci95"][0] < 0 < last["ci95"][1]
+    one = table1([{1: s[1]} for s in steps])
+    assert one["verdict"] == V.NOT_TESTED
+    assert all(c["ci95"] is None and c["verdict"] == V.NOT_TESTED for c in one["columns"]["100%"]["comparisons"])
 
 
-def test_verdicts_tables_4_and_5():
-    recs = _recs({"smoe": [12.0], "smoe-hm": [11.97], "fine-grained": [11.8], "fine-grained-hm": [11.79],
-                  "mhmoe-h2-nohm": [11.9], "mhmoe-h2": [11.5], "mhmoe-h2-nomerge": [11.6],
-                  "mhmoe-h2-nohead": [11.8]})
-    v = R.verdicts(recs, [4, 5])
+def test_verdict_pairs_by_seed_id_and_skips_a_missing_seed():
+    """Seed 2 of h=3 is missing: the pair uses seeds 1 and 3 only, matched by id, not by list position."""
+    smoe = {1: 3.0, 2: 9.9, 3: 3.2}
+    h3 = {3: 3.1, 1: 2.9}
+    c = V.compare_rows(_recs({"smoe": smoe, "mhmoe-h3": h3}), Row("MH h3", "mhmoe-h3"), Row("SMoE", "smoe"), "100%")
+    assert c.seeds == [1, 3] and c.n_seeds == 2
+    assert c.mean_diff_nats == pytest.approx(-0.1) and c.verdict == "holds"  # -0.1 on both seeds: zero spread
+
+
+def test_verdicts_tables_4_and_5_at_both_columns():
+    base = {"smoe": 3.0, "smoe-hm": 2.99, "fine-grained": 2.95, "fine-grained-hm": 2.945, "mhmoe-h2-nohm": 2.96,
+            "mhmoe-h2-nohm-hm": 2.90, "mhmoe-h2-drophm": 3.02, "mhmoe-h2-dropmerge": 2.97,
+            "mhmoe-h2-drophead": 3.00, "mhmoe-h2": 2.94}
+    noise = {1: 0.0, 2: 0.004, 3: -0.003}
+    vals = {v: {s: x + e for s, e in noise.items()} for v, x in base.items()}
+    v = V.verdicts(_recs(vals, ("50%", "100%")), [4, 5])
+    assert v[4]["column"] == "50%" and set(v[4]["columns"]) == {"50%", "100%"}
     assert v[4]["verdict"] == "holds" and v[5]["verdict"] == "holds"
-    recs = [dict(r, ppl=11.5) if r["variant"] == "mhmoe-h2-nohead" else r for r in recs]
-    assert R.verdicts(recs, [5])[5]["verdict"] == "does not hold"  # merge-only beats head-only: a reversal
+    assert [c["better"] for c in v[5]["columns"]["50%"]["comparisons"]] == [
+        "w/ head, w/o merge", "w/o head, w/ merge", "w/ head, w/o merge"]  # head helps, merge helps, head > merge
+    # The merge-only model beating the head-only one reverses the third part.
+    vals["mhmoe-h2-drophead"] = {s: 2.95 + e for s, e in noise.items()}
+    v5 = V.verdicts(_recs(vals, ("50%", "100%")), [5])[5]
+    assert v5["verdict"] == "does not hold"
+    assert [c["verdict"] for c in v5["columns"]["50%"]["comparisons"]] == ["holds", "holds", "reversed"]
 
 
-def test_render_mean_std_bold_and_paper_numbers():
-    recs = [dict(r, params=1000, active_params=500, flops_per_token=2000, step=10)
-            for r in _recs({"dense": [20.0, 22.0], "smoe": [18.0, 18.2], "fine-grained": [17.0, 17.2],
-                            "mhmoe-h2": [16.0, 16.2], "mhmoe-h3": [15.0, 15.2]})]
-    md = R.render_tables(recs, [1], "smoke", R.verdicts(recs, [1]))
-    assert "| Dense | 100% (10) | 21.00 ± 1.41 (12.13) |" in md
-    assert "**15.10 ± 0.14** (10.51)" in md
+def test_render_intervals_flops_and_paper_numbers():
+    t1 = ["dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"]
+    vals = {v: {1: 3.0 - i * 0.1, 2: 3.04 - i * 0.1} for i, v in enumerate(t1)}
+    recs = [dict(r, params=1000, active_params=500, flops_per_token=2000 if r["variant"] != "dense" else 2500,
+                 step=10) for r in _recs(vals)]
+    md = report.render_tables(recs, [1], "smoke", V.verdicts(recs, [1]), {})
+    dense = statistics.mean([math.exp(3.0), math.exp(3.04)])
+    assert f"| Dense | 100% (10) | {dense:.2f} ± " in md and "(12.13)" in md
+    assert "| 1.250 |" in md and "| 1.000 |" in md  # FLOPs x SMoE per row
     assert "Claim T1" in md and "HOLDS" in md
+    assert "| MH-MoE (head=3) | MH-MoE (head=2) | -0.1000 [-0.1000, -0.1000] | 2 | holds |" in md
+    assert "## Every model against SMoE (seed-paired)" in md
 
 
 @pytest.mark.skipif(ROOT is None, reason="real corpora not available (set MHMOE_DATA_ROOT)")
@@ -115,16 +196,21 @@ def test_reproduce_smoke_end_to_end_with_interruption(tmp_path, monkeypatch, cap
     res = json.loads((out / "results.json").read_text())
     runs = {r["run_id"] for r in res["records"]}
     assert runs == {"smoe-s0", "smoe-hm-s0", "fine-grained-s0", "fine-grained-hm-s0", "mhmoe-h2-nohm-s0",
-                    "mhmoe-h2-s0", "mhmoe-h2-nomerge-s0", "mhmoe-h2-nohead-s0"}
-    # Every planned cell is filled: 8 runs x 2 milestones x 3 domains, with finite perplexities.
-    assert len(res["records"]) == 8 * 2 * 3
+                    "mhmoe-h2-nohm-hm-s0", "mhmoe-h2-s0", "mhmoe-h2-drophm-s0", "mhmoe-h2-dropmerge-s0",
+                    "mhmoe-h2-drophead-s0"}
+    # Every planned cell is filled: 10 runs x 2 milestones x 3 domains, with finite perplexities.
+    assert len(res["records"]) == 10 * 2 * 3
     assert all(r["ppl"] > 1 and r["step"] in (2, 4) for r in res["records"])
     assert set(res["verdicts"]) == {"T4", "T5"}
-    assert all(v["verdict"] in ("holds", "does not hold", "within noise") for v in res["verdicts"].values())
+    assert all(v["verdict"] == V.NOT_TESTED for v in res["verdicts"].values())  # one seed: no verdict
+    comps = [c for v in res["verdicts"].values() for col in v["columns"].values() for c in col["comparisons"]]
+    assert comps and all({"mean_diff_nats", "ci95", "n_seeds"} <= set(c) for c in comps)
+    assert set(res["runs"]["mhmoe-h2-s0"]["entropy_frac"]) == {"10%", "25%", "50%", "75%", "100%"}
     md = (out / "tables.md").read_text()
     assert md.count("| SMoE + head & merge |") == 2 and "(11.84)" in md  # both steps; paper value beside ours
+    assert "## Training health" in md
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    assert "table4_val_loss.png" in plots and "table5_ppl.png" in plots and "load_mhmoe-h2-s0.png" in plots
+    assert "forest.png" in plots and "table4_val_loss.png" in plots and "load_mhmoe-h2-s0.png" in plots
 
 
 def test_two_processes_share_a_matrix_run_locked_elsewhere_is_deferred_then_awaited(tmp_path, monkeypatch):
@@ -173,7 +259,7 @@ def test_workers_share_the_matrix_and_train_each_run_once(tmp_path, capsys):
     assert "2 worker processes" in printed and "## Table 5" in printed and "exited with" not in printed
     assert (out / "worker-2.log").read_text().startswith("mhmoe reproduce: preset smoke, tables 5")
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == ["mhmoe-h2-nohead-s0", "mhmoe-h2-nohm-s0", "mhmoe-h2-nomerge-s0", "mhmoe-h2-s0"]
+    assert runs == ["mhmoe-h2-drophead-s0", "mhmoe-h2-drophm-s0", "mhmoe-h2-dropmerge-s0", "mhmoe-h2-s0"]
     threads = max(1, R._available_cores() // 2)
     for run in runs:
         steps = [json.loads(l)["step"] for l in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
