@@ -1,4 +1,4 @@
-"""The `mhmoe` command line: parity, train, eval, reproduce.
+"""The `mhmoe` command line: parity, train, eval, reproduce, export, bench, generate, data prepare.
 
 Every user error (bad flag value, config key, data file, checkpoint) ends as one line on stderr and exit code 2;
 tracebacks are reserved for bugs.
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_cli(sub)
     import importlib.util
 
-    for name in ("reproduce", "export", "bench"):  # optional subcommand modules, each with add_cli(sub)
+    for name in ("reproduce", "export", "bench", "generate", "prepare"):  # subcommand modules with add_cli(sub)
         if importlib.util.find_spec(f"mhmoe.{name}") is not None:
             importlib.import_module(f"mhmoe.{name}").add_cli(sub)
     return parser

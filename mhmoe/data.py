@@ -22,14 +22,17 @@ Bad input raises `DataError` (a `ValueError`) with a one-line message naming the
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import heapq
+import io
 import json
 import operator
 import os
 import re
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -68,6 +71,7 @@ __all__ = [
     "read_plain_text",
     "read_wikiextractor",
     "read_wikitext",
+    "SAMPLE_ROOT",
     "resolve_data_root",
     "tokenize_corpus",
 ]
@@ -94,15 +98,14 @@ class Source:
 class HubSource:
     """Where the Hugging Face fallback finds a corpus (used only when none of its files are on disk).
 
-    `select` post-processes the stream: "all" keeps every record, "rp-train"/"rp-val" split the single RedPajama
-    sample into disjoint train/validation parts by a hash of the text, "wikitext" rebuilds the raw file from its
-    lines and splits it into articles like `read_wikitext`.
+    `select` post-processes the stream: "all" keeps every record's "text"; "wikitext" rebuilds the raw file from
+    its lines and splits it into articles like `read_wikitext`.
     """
 
     path: str
     config: str | None
     split: str
-    select: Literal["all", "rp-train", "rp-val", "wikitext"] = "all"
+    select: Literal["all", "wikitext"] = "all"
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,10 @@ class CorpusSpec:
 
 
 _RP = "redpajama_sample"
-_RP_HUB = "togethercomputer/RedPajama-Data-1T-Sample"
+# SlimPajama-6B: a parquet sample of SlimPajama (RedPajama-1T, deduplicated) with its own train/validation
+# splits. It replaces togethercomputer/RedPajama-Data-1T-Sample, a loading-script dataset that `datasets` 4.0
+# and later no longer run.
+_RP_HUB = "DKYoon/SlimPajama-6B"
 
 
 def _rp_sources(domains: tuple[str, ...], part: str) -> tuple[Source, ...]:
@@ -136,14 +142,14 @@ CORPORA: dict[str, CorpusSpec] = {
                 Source("books_gutenberg", "books_gutenberg/*.txt", "gutenberg"),
                 *_rp_sources(("arxiv", "c4-rp", "cc", "github", "stackexchange"), "1"),
             ),
-            HubSource(_RP_HUB, None, "train", "rp-train"),
+            HubSource(_RP_HUB, None, "train", "all"),
         ),
         CorpusSpec(
             "redpajama",
             "eval",
             "RedPajama-val: the held-out *2 files of arxiv, c4-rp, cc, stackexchange and github",
             _rp_sources(("arxiv", "c4-rp", "cc", "stackexchange", "github"), "2"),
-            HubSource(_RP_HUB, None, "train", "rp-val"),
+            HubSource(_RP_HUB, None, "validation", "all"),
         ),
         CorpusSpec(
             "wikipedia",
@@ -249,8 +255,14 @@ class DataConfig(Config):
 # Data root and files
 
 
-def resolve_data_root(explicit: str | os.PathLike[str] | None) -> Path:
-    """The data root: `explicit` if given, else $MHMOE_DATA_ROOT; DataError if neither is set or it is not a folder."""
+SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"  # the corpus sample carried in the package
+SAMPLE_PRESETS = ("smoke", "demo", "custom")  # presets whose budgets the embedded sample holds (custom: the user's)
+
+
+def resolve_data_root(explicit: str | os.PathLike[str] | None, preset: str | None = None) -> Path:
+    """The data root: `explicit` if given, else $MHMOE_DATA_ROOT, else the embedded sample (`SAMPLE_ROOT`, enough
+    for the `smoke` and `demo` presets); DataError if a given root is not a folder, or if `preset` needs more
+    data than the sample holds."""
     hint = "set --data-root or MHMOE_DATA_ROOT to a folder holding redpajama_sample/, wikitext2/, ..."
     value: str | os.PathLike[str] | None = explicit
     origin = "--data-root"
@@ -258,7 +270,15 @@ def resolve_data_root(explicit: str | os.PathLike[str] | None) -> Path:
         value = os.environ.get(ENV_DATA_ROOT) or None
         origin = ENV_DATA_ROOT
     if value is None:
-        raise DataError(f"no data root given; {hint}")
+        if not SAMPLE_ROOT.is_dir():
+            raise DataError(f"no data root given and the embedded sample {SAMPLE_ROOT} is missing; {hint}")
+        if preset is not None and preset not in SAMPLE_PRESETS:
+            raise DataError(
+                f"preset {preset!r} needs the full corpora; the embedded sample holds enough for smoke and demo "
+                f"only. Get them with `mhmoe data prepare --preset {preset} --data-root DIR` and pass --data-root "
+                "DIR (or set MHMOE_DATA_ROOT; in this repository's checkout, ../shared/data)"
+            )
+        return SAMPLE_ROOT
     root = Path(value).expanduser()
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} (from {origin}) is not an existing folder; {hint}")
@@ -268,17 +288,33 @@ def resolve_data_root(explicit: str | os.PathLike[str] | None) -> Path:
 def _source_files(spec: CorpusSpec, root: Path) -> list[tuple[Source, list[Path]]]:
     root = Path(root)
     # Sorted relative paths make the document order a function of the file set alone, not of the filesystem.
-    return [
-        (s, sorted((p for p in root.glob(s.pattern) if p.is_file()), key=lambda p: p.as_posix()))
-        for s in spec.sources
-    ]
+    # A file may also be stored gzip-compressed as NAME.gz (the embedded sample); the plain one wins if both exist.
+    out = []
+    for s in spec.sources:
+        plain = {p for p in root.glob(s.pattern) if p.is_file()}
+        gz = {p for p in root.glob(s.pattern + ".gz") if p.is_file() and p.with_suffix("") not in plain}
+        out.append((s, sorted(plain | gz, key=lambda p: p.as_posix())))
+    return out
+
+
+PREPARED_DIR = "hub"  # <data root>/hub/<corpus>.jsonl: a corpus fetched from its hub source by `mhmoe data prepare`
+
+
+def prepared_file(name: str, root: Path) -> Path | None:
+    """The corpus as `mhmoe data prepare` stored it under `root` (complete and finished), or None."""
+    path = Path(root) / PREPARED_DIR / f"{name}.jsonl"
+    return path if path.is_file() and path.with_suffix(".manifest.json").is_file() else None
 
 
 def corpus_files(name: str, root: Path) -> list[Path]:
-    """Every on-disk input file of corpus `name` under `root` (empty when the corpus would come from the hub)."""
+    """Every on-disk input file of corpus `name` under `root`: its sources, else its prepared hub copy (empty when
+    the corpus would be streamed from the hub)."""
     groups = _source_files(_spec(name), root)
     _check_complete(name, root, groups)
-    return [p for _, files in groups for p in files]
+    files = [p for _, files in groups for p in files]
+    if not files and (prepared := prepared_file(name, root)) is not None:
+        return [prepared]
+    return files
 
 
 def _check_complete(name: str, root: Path, groups: list[tuple[Source, list[Path]]]) -> None:
@@ -308,10 +344,21 @@ def _decode(raw: bytes, path: Path, where: str = "") -> str:
         ) from None
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when its name ends in .gz (the embedded sample stores every file so)."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a readable gzip file ({e}); re-create it or remove the .gz suffix") from None
+    return raw
+
+
 def _read_text(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = _read_bytes(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; check the data root and PROVENANCE.md for where it belongs") from None
     except OSError as e:
@@ -421,7 +468,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[str]:
     """The "text" field of every record of a JSON-lines file (blank lines skipped, empty texts dropped)."""
     path = Path(path)
     try:
-        fh = open(path, "rb")
+        fh = io.BytesIO(_read_bytes(path)) if path.suffix == ".gz" else open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; check the data root and PROVENANCE.md for where it belongs") from None
     except OSError as e:
@@ -517,7 +564,14 @@ def iter_documents(name: str, root: Path, max_bytes: int = 0) -> Iterator[str]:
     groups = _source_files(spec, root)
     _check_complete(name, root, groups)
     if not any(files for _, files in groups):
-        return _cap_bytes(load_hub_corpus(name), max_bytes)
+        prepared = prepared_file(name, root)
+        if prepared is None:
+            return _cap_bytes(load_hub_corpus(name), max_bytes)
+        _verify_prepared(prepared)
+        docs = read_jsonl(prepared)
+        if spec.role == "train":
+            docs = _decontaminate(docs, _heldout_hashes(root))
+        return _cap_bytes(docs, max_bytes)
     streams = [
         (sum(p.stat().st_size for p in files), _chain_files(_READERS[s.reader], files)) for s, files in groups
     ]
@@ -539,6 +593,8 @@ def _heldout_files(root: Path) -> list[Path]:
             groups = _source_files(spec, root)
             if all(files for _, files in groups):
                 out += [p for _, files in groups for p in files]
+            elif not any(files for _, files in groups) and (prepared := prepared_file(spec.name, root)):
+                out.append(prepared)
     return sorted(set(out), key=lambda p: p.as_posix())
 
 
@@ -551,7 +607,25 @@ def _heldout_hashes(root: Path) -> set[bytes]:
         if all(files for _, files in groups):
             for s, files in groups:
                 hashes.update(_doc_hash(d) for d in _chain_files(_READERS[s.reader], files))
+        elif not any(files for _, files in groups) and (prepared := prepared_file(spec.name, root)):
+            hashes.update(_doc_hash(d) for d in read_jsonl(prepared))
     return hashes
+
+
+_VERIFIED: dict[tuple[str, int, int], bool] = {}
+
+
+def _verify_prepared(path: Path) -> None:
+    """Check a prepared corpus against the sha256 its manifest recorded (once per file version per process)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    manifest = json.loads(path.with_suffix(".manifest.json").read_text(encoding="utf-8"))
+    if _sha256_file(path) != manifest.get("sha256"):
+        raise DataError(f"{path}: sha256 differs from its manifest (a corrupted download); delete it and run "
+                        "`mhmoe data prepare` again")
+    _VERIFIED[key] = True
 
 
 def _decontaminate(docs: Iterable[str], heldout: set[bytes]) -> Iterator[str]:
@@ -572,11 +646,6 @@ def _where(spec: CorpusSpec) -> str:
 def _one_line(e: BaseException) -> str:
     msg = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {msg[:200]}"
-
-
-def _rp_is_val(text: str) -> bool:
-    # The hub has one RedPajama sample; a text hash gives a disjoint 1% validation part, independent of order.
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % 100 == 0
 
 
 def load_hub_corpus(name: str) -> Iterator[str]:
@@ -617,10 +686,6 @@ def _hub_documents(name: str, spec: CorpusSpec, ds: Iterable[dict[str, Any]]) ->
         for r in ds:
             text = r.get("text")
             if not isinstance(text, str) or not text.strip():
-                continue
-            if hub.select == "rp-train" and _rp_is_val(text):
-                continue
-            if hub.select == "rp-val" and not _rp_is_val(text):
                 continue
             yield text
     except DataError:

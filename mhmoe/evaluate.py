@@ -1,7 +1,8 @@
 """Validation perplexity = exp(mean token NLL) on fixed, deterministic windows of each evaluation domain.
 
 Evaluation runs the model in eval mode: MoE layers never drop tokens there, so a token's loss does not depend on
-what else is in the batch.
+what else is in the batch. A user's own file or folder (`mhmoe eval RUN --text PATH`, read by mhmoe.textfiles) is
+one more domain, "text:<name>", with the same tokenizer, windows and result fields.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mhmoe.data import TokenizedCorpus, eval_windows
+from mhmoe.textfiles import text_corpus, text_files
+
+if TYPE_CHECKING:
+    from mhmoe.train import LoadedRun
 
 
 @torch.no_grad()
@@ -48,21 +53,43 @@ def evaluate_corpus(
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count, "docs": max(1, min(docs, corpus.num_docs))}
 
 
-def evaluate_run(run_dir: Path, step: int | None = None, domains: list[str] | None = None,
-                 max_tokens: int | None = None, data_root: str | None = None,
-                 cache_dir: str | None = None) -> dict[str, Any]:
-    """Perplexity of a run's checkpoint (latest good one, or `step`) on each evaluation domain."""
+def load_run(run_dir: Path, step: int | None = None, data_root: str | None = None, cache_dir: str | None = None,
+             need_data: bool = True) -> LoadedRun:
+    """`load_run_for_eval`, without requiring a usable data root when nothing will be read from it (`eval --text`
+    alone, `generate`): load_run_for_eval resolves the data root eagerly (and refuses presets the embedded sample
+    cannot serve), so the run folder stands in for it; LoadedRun.root is then never read."""
     from mhmoe.train import load_run_for_eval
 
-    loaded = load_run_for_eval(Path(run_dir), step, data_root, cache_dir)
+    if not need_data and data_root is None:
+        data_root = str(run_dir)
+    return load_run_for_eval(Path(run_dir), step, data_root, cache_dir)
+
+
+def evaluate_run(run_dir: Path, step: int | None = None, domains: list[str] | None = None,
+                 max_tokens: int | None = None, data_root: str | None = None,
+                 cache_dir: str | None = None, text: str | Path | None = None) -> dict[str, Any]:
+    """Perplexity of a run's checkpoint (latest good one, or `step`) on each evaluation domain.
+
+    `text` (a file or folder, see mhmoe.textfiles) adds a "text:<name>" domain evaluated with the run's tokenizer
+    and windows; then the built-in domains are evaluated only when `domains` is given. Its token cap is
+    `max_tokens` (None = all of it, not the run's cap: the user asked for this text).
+    """
+    if text is not None:
+        text_files(text)  # a missing path or empty folder fails before the model loads
+    builtin = text is None or domains is not None
+    loaded = load_run(Path(run_dir), step, data_root, cache_dir, need_data=builtin)
     cfg = loaded.cfg
-    domains = list(domains or cfg.data.eval_domains)
     limit = cfg.data.max_eval_tokens if max_tokens is None else max_tokens
     results = {}
-    for name in domains:
+    for name in (list(domains or cfg.data.eval_domains) if builtin else []):
         corpus = loaded.corpus(name, limit)
         results[name] = evaluate_corpus(loaded.model, corpus, cfg.seq_len, cfg.batch_size, limit,
                                         loaded.device, loaded.dtype)
+    if text is not None:
+        cap = max_tokens or 0
+        corpus = text_corpus(text, loaded.tokenizer, cfg.seq_len, cap)
+        results[corpus.name] = evaluate_corpus(loaded.model, corpus, cfg.seq_len, cfg.batch_size, cap,
+                                               loaded.device, loaded.dtype)
     return {"run": str(run_dir), "step": loaded.step, "tokens_seen": loaded.step * cfg.tokens_per_step,
             "variant": cfg.variant, "preset": cfg.preset, "domains": results}
 
@@ -75,24 +102,30 @@ def _cli(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 0:
         raise UserError(f"--max-tokens: must be >= 0 (0 = whole domain), got {args.max_tokens}")
     res = evaluate_run(Path(args.run_dir), args.step, args.domains.split(",") if args.domains else None,
-                       args.max_tokens, args.data_root, args.cache_dir)
+                       args.max_tokens, args.data_root, args.cache_dir, args.text)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
+    width = max(14, *(len(name) + 2 for name in res["domains"]))  # "text:<file name>" can be long
     print(f"{res['run']}  variant={res['variant']}  step={res['step']}  tokens seen={res['tokens_seen']:,}")
-    print(f"  {'domain':<14}{'ppl':>10}{'loss':>10}{'tokens':>12}{'docs':>8}")
+    print(f"  {'domain':<{width}}{'ppl':>10}{'loss':>10}{'tokens':>12}{'docs':>8}")
     for name, r in res["domains"].items():
-        print(f"  {name:<14}{r['ppl']:>10.3f}{r['loss']:>10.4f}{r['tokens']:>12,}{r['docs']:>8,}")
+        print(f"  {name:<{width}}{r['ppl']:>10.3f}{r['loss']:>10.4f}{r['tokens']:>12,}{r['docs']:>8,}")
     sys.stdout.flush()
     return 0
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="validation perplexity of a run on RedPajama, Wikipedia and C4")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("eval", help="validation perplexity of a run on RedPajama, Wikipedia and C4, or on your text")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `mhmoe train` run or a `mhmoe export` folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest good one)")
-    p.add_argument("--domains", default=None, help="comma-separated eval domains (default: the run's)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per domain (default: the run's cap)")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated eval domains (default: the run's; none when --text is given)")
+    p.add_argument("--text", default=None, metavar="PATH",
+                   help="also (or, without --domains, only) evaluate your own text: a .txt, .jsonl (\"text\" "
+                        "field), .txt.gz or .jsonl.gz file, or a folder of them (recursive, sorted)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per domain (default: the run's cap; all of --text)")
     p.add_argument("--data-root", default=None, help="corpora folder (default: $MHMOE_DATA_ROOT)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MHMOE_CACHE_DIR or ~/.cache/mhmoe)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -94,7 +94,7 @@ def _fmt_ci(c: dict[str, Any]) -> str:
 
 
 def _comparison_lines(comps: list[dict[str, Any]]) -> list[str]:
-    lines = ["| better (claimed) | than | Δ loss, nats, mean of 3 domains [95% CI] | n | verdict | "
+    lines = ["| model (claimed better) | against | Δ loss, nats, mean of 3 domains [95% CI] | n | verdict | "
              + " | ".join(f"Δ {DOMAIN_TITLES[d]}" for d in DOMAINS) + " | paper Δ |",
              "|---|---|---|---:|---|" + "---|" * len(DOMAINS) + "---|"]
     for c in comps:
@@ -164,8 +164,8 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                 lines += [f"At {col}: {cv['verdict']}.", ""] + _comparison_lines(cv["comparisons"]) + [""]
     t1_rows = [r for t in tables for r in TABLES[t][1]]
     seen: list[Row] = []
-    for r in t1_rows:
-        if r not in seen:
+    for r in t1_rows:  # one line per model: Table 5's full row is Table 1's h=2
+        if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in seen):
             seen.append(r)
     vs = {col: versus_smoe(recs, col, seen) for col in COLUMNS}
     if any(vs.values()):
@@ -215,7 +215,7 @@ def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, table
     plot_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     for t in tables:
-        rows += [r for r in TABLES[t][1] if r not in rows]
+        rows += [r for r in TABLES[t][1] if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in rows)]
     comps = {col: versus_smoe(recs, col, rows) for col in COLUMNS}
     if any(comps.values()):
         made.append(_forest(plt, comps, plot_dir / "forest.png"))

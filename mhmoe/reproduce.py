@@ -222,6 +222,10 @@ def _cli(args: argparse.Namespace) -> int:
         overrides.append(f"threads={max(1, _available_cores() // args.workers)}")
     models = parse_models(args.models, tables)
     runs = plan(args.preset, tables, args.seeds, overrides, models)
+    if not args.dry_run:
+        from mhmoe.data import resolve_data_root
+
+        resolve_data_root(args.data_root, args.preset)  # a preset too large for the embedded sample: say so now
     print(f"mhmoe reproduce: preset {args.preset}, tables {','.join(map(str, tables))}, {args.seeds} seed(s): "
           f"{len(runs)} runs in {out}" + (f", {args.workers} worker processes" if args.workers > 1 else ""),
           flush=True)
@@ -264,7 +268,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated variants: train only these rows of the tables (e.g. smoe,mhmoe-h3)")
     p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field in every run")
-    p.add_argument("--data-root", default=None, help="corpora folder (default: $MHMOE_DATA_ROOT)")
+    p.add_argument("--data-root", default=None,
+                   help="corpora folder (default: $MHMOE_DATA_ROOT, else the embedded sample: smoke and demo)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: OUT/cache)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     p.add_argument("--report-only", action="store_true",

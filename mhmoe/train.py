@@ -300,7 +300,7 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
             f"TrainConfig.tokens_per_step: {cfg.tokens_per_step} is not a multiple of batch_size * seq_len * "
             f"world_size ({cfg.batch_size * cfg.seq_len * world})"
         )
-    root = resolve_data_root(data_root)
+    root = resolve_data_root(data_root, cfg.preset)
     cache = default_cache_dir(cache_dir)
     config_json = cfg.to_json()
 
@@ -562,7 +562,8 @@ def load_run_for_eval(run_dir: Path, step: int | None = None, data_root: str | N
     model.to(device).eval()
     tok = Tokenizer.load(Path(run_dir) / "tokenizer")
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return LoadedRun(cfg, model, step, device, dtype, tok, resolve_data_root(data_root), default_cache_dir(cache_dir))
+    return LoadedRun(cfg, model, step, device, dtype, tok, resolve_data_root(data_root, cfg.preset),
+                     default_cache_dir(cache_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -607,7 +608,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="dense, smoe, fine-grained, mhmoe-h2, mhmoe-h3 (suffix -shared for a shared expert)")
     p.add_argument("--out", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=1e-3")
-    p.add_argument("--data-root", default=None, help="corpora folder (default: $MHMOE_DATA_ROOT)")
+    p.add_argument("--data-root", default=None,
+                   help="corpora folder (default: $MHMOE_DATA_ROOT, else the embedded sample: smoke and demo)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MHMOE_CACHE_DIR or ~/.cache/mhmoe)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)

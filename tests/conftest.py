@@ -12,13 +12,16 @@ def _seed():
     torch.manual_seed(0)
 
 
-def shared_data_root() -> Path | None:
-    """The real corpora (CI points MHMOE_DATA_ROOT at ../shared/data), or None."""
+def shared_data_root() -> Path:
+    """The real corpora: $MHMOE_DATA_ROOT (make points it at ../shared/data when that exists), else the sample
+    carried in the package, so the real-corpus tests run on a fresh clone too."""
+    from mhmoe.data import SAMPLE_ROOT
+
     env = os.environ.get("MHMOE_DATA_ROOT")
     for cand in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data"]:
         if cand.is_dir():
             return cand
-    return None
+    return SAMPLE_ROOT
 
 
 _HOLD = """

@@ -37,6 +37,7 @@ from mhmoe.data import (
     read_plain_text,
     read_wikiextractor,
     read_wikitext,
+    SAMPLE_ROOT,
     resolve_data_root,
     tokenize_corpus,
 )
@@ -240,9 +241,11 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
 
 def test_resolve_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MHMOE_DATA_ROOT", raising=False)
+    assert resolve_data_root(None) == SAMPLE_ROOT  # a fresh clone: the embedded sample
+    assert resolve_data_root(None, "demo") == SAMPLE_ROOT and resolve_data_root(None, "smoke") == SAMPLE_ROOT
     with pytest.raises(DataError) as e:
-        resolve_data_root(None)
-    _one_line_error(e, "--data-root", "MHMOE_DATA_ROOT")
+        resolve_data_root(None, "cpu")
+    _one_line_error(e, "preset 'cpu' needs the full corpora", "mhmoe data prepare --preset cpu", "MHMOE_DATA_ROOT")
     with pytest.raises(DataError) as e:
         resolve_data_root(tmp_path / "nope")
     _one_line_error(e, "nope", "MHMOE_DATA_ROOT")
@@ -349,14 +352,16 @@ def test_hub_fallback_with_stub_datasets(tmp_path: Path, monkeypatch: pytest.Mon
             raise ConnectionError("hub unreachable\nwith a multi-line traceback")
         if path == "Salesforce/wikitext":  # the hub stores raw WikiText one line per record
             return [{"text": t} for t in ("", " = A = \n", " a \n", " = = S = = \n", " = B = \n", " b \n")]
-        return [{"text": f"redpajama doc {i}"} for i in range(1000)]
+        assert path == "DKYoon/SlimPajama-6B"  # parquet with its own splits, not the loading-script sample
+        return [{"text": f"redpajama {split} doc {i}"} for i in range(500)]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     empty = tmp_path / "empty_root"
     empty.mkdir()
     assert list(iter_documents("wikipedia", empty)) == [" = A = \n a \n = = S = = \n", " = B = \n b \n"]
     train, val = list(iter_documents("redpajama-mix", empty)), list(iter_documents("redpajama", empty))
-    assert val and set(train).isdisjoint(val) and len(train) + len(val) == 1000  # one sample, split disjointly
+    assert len(train) == len(val) == 500 and set(train).isdisjoint(val)  # the source's train / validation splits
+    assert train[0] == "redpajama train doc 0" and val[0] == "redpajama validation doc 0"
     with pytest.raises(DataError) as e:
         list(iter_documents("c4", empty))
     _one_line_error(e, "allenai/c4", "ConnectionError", "sample_c4-rp2.jsonl")

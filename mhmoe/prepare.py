@@ -1,0 +1,172 @@
+"""`mhmoe data prepare --preset P --data-root DIR`: fetch what a preset needs into a data root, from the hub.
+
+Each corpus of the preset (its training mix and evaluation domains) is streamed from its Hugging Face source
+(`mhmoe.data.CORPORA[...].hub`, parquet/JSON datasets only) into DIR/hub/<corpus>.jsonl, one {"text": ...} per
+line, up to the bytes the preset reads. The download is resumable: records are appended to <corpus>.jsonl.part
+and flushed one by one, so an interrupted prepare continues after the last whole record. When the budget is
+reached (or the source ends), the file's sha256 goes into <corpus>.manifest.json and the .part file is renamed
+into place atomically; `mhmoe.data` then reads that file instead of streaming, and checks it against the
+manifest's sha256 first. Corpora already on disk under DIR (their usual files) are left alone. GPT-2 presets
+also get tokenizer/gpt2/ from the hub's `openai-community/gpt2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from mhmoe.data import CORPORA, PREPARED_DIR, DataError, _source_files, load_hub_corpus
+
+BYTES_PER_TOKEN = 5  # upper end of what the project's BPEs measure on English web text (4-4.5 bytes/token)
+DEFAULT_EVAL_BYTES = 16_000_000  # an evaluation domain the preset reads whole (max_eval_tokens = 0)
+
+
+def preset_needs(cfg: Any) -> dict[str, int]:
+    """{corpus: bytes of text} that training and evaluating `cfg` read at most."""
+    d = cfg.data
+    # Training samples windows at random from the whole corpus: a quarter more text than tokens it trains on.
+    train = max(cfg.steps * cfg.tokens_per_step * BYTES_PER_TOKEN * 5 // 4, d.tokenizer_train_bytes)
+    if d.max_train_bytes:
+        train = min(train, max(d.max_train_bytes, d.tokenizer_train_bytes))
+    need = {d.train_corpus: train}
+    for name in d.eval_domains:
+        need[name] = 8 * (d.max_eval_tokens + cfg.seq_len + 1) if d.max_eval_tokens else DEFAULT_EVAL_BYTES
+    return need
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _resume_point(part: Path) -> tuple[int, int]:
+    """(records, bytes of text) already in a .part file; a torn last line (a killed write) is cut off."""
+    if not part.is_file():
+        return 0, 0
+    raw = part.read_bytes()
+    keep = raw[: raw.rfind(b"\n") + 1]
+    if len(keep) != len(raw):
+        with open(part, "r+b") as f:
+            f.truncate(len(keep))
+    lines = keep.splitlines()
+    return len(lines), sum(len(json.loads(l)["text"].encode("utf-8")) for l in lines)
+
+
+def prepare_corpus(name: str, root: Path, max_bytes: int, progress: bool = True,
+                   documents: Iterable[str] | None = None) -> dict[str, Any]:
+    """Stream corpus `name` into root/hub/<name>.jsonl until `max_bytes` of text; returns its manifest.
+
+    documents: the stream to store (default: the corpus's hub source, `load_hub_corpus`).
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(root) / PREPARED_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, part = out_dir / f"{name}.jsonl", out_dir / f"{name}.jsonl.part"
+    manifest_path = final.with_suffix(".manifest.json")
+    spec = CORPORA[name]
+    source = {"path": spec.hub.path, "config": spec.hub.config, "split": spec.hub.split} if spec.hub else None
+    if final.is_file() and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("source") == source and (manifest["bytes"] >= max_bytes or manifest["complete"]):
+            if _sha256(final) != manifest["sha256"]:
+                raise DataError(f"{final}: sha256 differs from its manifest; delete it and prepare again")
+            return manifest
+        os.replace(final, part)  # a larger budget than last time: extend the finished file
+        manifest_path.unlink()
+    records, size = _resume_point(part)
+    stream: Iterator[str] = iter(documents if documents is not None else load_hub_corpus(name))
+    for _ in range(records):  # the stream is deterministic: skip what the .part file holds
+        next(stream, None)
+    complete = True
+    bar = tqdm(total=max_bytes, initial=min(size, max_bytes), unit="B", unit_scale=True, desc=name,
+               disable=not progress)
+    with open(part, "a", encoding="utf-8") as f:
+        for text in stream:
+            if size >= max_bytes:
+                complete = False
+                break
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            f.flush()
+            records += 1
+            n = len(text.encode("utf-8"))
+            size += n
+            bar.update(min(n, max(0, max_bytes - bar.n)))
+    bar.close()
+    if records == 0:
+        part.unlink(missing_ok=True)
+        raise DataError(f"corpus {name!r}: its hub source gave no documents; check `mhmoe data prepare` output")
+    manifest = {"corpus": name, "source": source, "records": records, "bytes": size, "complete": complete,
+                "sha256": _sha256(part)}
+    os.replace(part, final)
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def prepare_gpt2_tokenizer(root: Path) -> Path:
+    """tokenizer/gpt2/{encoder.json,vocab.bpe} from the hub's openai-community/gpt2 (vocab.json, merges.txt)."""
+    folder = Path(root) / "tokenizer" / "gpt2"
+    if (folder / "encoder.json").is_file() and (folder / "vocab.bpe").is_file():
+        return folder
+    try:
+        from huggingface_hub import hf_hub_download
+
+        files = {dst: hf_hub_download("openai-community/gpt2", src) for src, dst in
+                 (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe"))}
+    except Exception as e:  # network and hub errors alike
+        raise DataError(f"cannot fetch GPT-2's BPE from the hub ({type(e).__name__}); put encoder.json and "
+                        f"vocab.bpe in {folder} by hand") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    for dst, src in files.items():
+        tmp = folder / f"{dst}.tmp"
+        tmp.write_bytes(Path(src).read_bytes())
+        os.replace(tmp, folder / dst)
+    return folder
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from mhmoe.cli import UserError
+    from mhmoe.train import resolve_config
+
+    if not args.data_root:
+        raise UserError("--data-root: required; the folder to fill (it becomes your MHMOE_DATA_ROOT)")
+    root = Path(args.data_root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-root: {root} exists and is not a folder; choose another path")
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_config(args.preset, "smoe", list(args.set or []))
+    for name, need in preset_needs(cfg).items():
+        if args.max_bytes:
+            need = min(need, args.max_bytes)
+        if any(files for _, files in _source_files(CORPORA[name], root)):
+            print(f"{name}: on disk under {root}, left as it is")
+            continue
+        m = prepare_corpus(name, root, need, progress=not args.no_progress)
+        print(f"{name}: {m['records']:,} documents, {m['bytes']:,} bytes, sha256 {m['sha256'][:16]}... "
+              f"({'whole source' if m['complete'] else 'budget reached'})")
+    if cfg.data.tokenizer == "gpt2":
+        print(f"tokenizer: {prepare_gpt2_tokenizer(root)}")
+    print(f"ready: pass --data-root {root} (or export MHMOE_DATA_ROOT={root})")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data tools: `mhmoe data prepare --preset P --data-root DIR`")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("prepare", help="fetch the corpora a preset needs from the hub into a data root")
+    q.add_argument("--preset", required=True, help="smoke, demo, cpu, tiny, gpu or paper")
+    q.add_argument("--data-root", default=os.environ.get("MHMOE_DATA_ROOT"),
+                   help="the folder to fill (default: $MHMOE_DATA_ROOT)")
+    q.add_argument("--max-bytes", type=int, default=0, help="cap per corpus in bytes of text (default: the preset's)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (as in train)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cli)
