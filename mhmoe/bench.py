@@ -61,6 +61,7 @@ from mhmoe.complexity import fine_grained, flops_per_token, model_flops_per_toke
 from mhmoe.ffn import FFNConfig, MoEAux, build_ffn
 from mhmoe.moe import MoELayer
 from mhmoe.router import load_balancing_loss, router_entropy, z_loss
+from mhmoe.errors import UserError
 
 PAPER_LAYERS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
 MODES = ("fwd", "fwd+bwd")
@@ -554,8 +555,6 @@ def format_table(records: list[dict], dtype: str, mode: str) -> str:
 
 
 def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
-    from mhmoe.cli import UserError
-
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
@@ -564,8 +563,6 @@ def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mhmoe.cli import UserError
-
     for flag in ("tokens", "dim", "hidden_dim", "num_experts", "rounds"):
         if getattr(args, flag, 1) < 1:
             raise UserError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")

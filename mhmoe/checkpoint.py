@@ -29,8 +29,10 @@ except ImportError:  # Windows: no advisory locks; a run directory is then the u
 import torch
 from safetensors.torch import load_model, save_model
 
+from mhmoe.errors import MhmoeError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(MhmoeError, ValueError):
     """No usable checkpoint where one was required; the message says where and what to do."""
 
 

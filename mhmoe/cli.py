@@ -12,11 +12,11 @@ import sys
 from typing import Sequence
 
 
+from mhmoe.errors import MhmoeError, UserError
+
+__all__ = ["UserError", "build_parser", "main"]  # UserError lives in mhmoe.errors; kept importable from here
+
 MALLOC_TUNED = False  # whether main() applied tune_glibc_malloc (benchmarks record it)
-
-
-class UserError(Exception):
-    """An error in what the user asked for; printed as one line without a traceback."""
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -112,18 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mhmoe` console script."""
     global MALLOC_TUNED
     MALLOC_TUNED = tune_glibc_malloc()
-    from mhmoe.checkpoint import CheckpointError
-    from mhmoe.configbase import ConfigError
-    from mhmoe.data import DataError
-    from mhmoe.train import TrainingError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except MhmoeError as e:  # ConfigError, DataError, CheckpointError, TrainingError, UserError
         print(f"mhmoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"mhmoe {args.command}: interrupted", file=sys.stderr)
         return 130

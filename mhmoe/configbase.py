@@ -13,10 +13,12 @@ import types
 import typing
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
+from mhmoe.errors import MhmoeError
+
 C = TypeVar("C", bound="Config")
 
 
-class ConfigError(ValueError):
+class ConfigError(MhmoeError, ValueError):
     """A config value or key is invalid; the message names the field and the fix."""
 
 

@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mhmoe.errors import MhmoeError
 from mhmoe.configbase import Config, ConfigError
 
 EOS = "<|endoftext|>"
@@ -77,7 +78,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(MhmoeError, ValueError):
     """A data file, corpus name or data setting is unusable; the message names it and the fix."""
 
 

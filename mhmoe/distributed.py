@@ -48,6 +48,7 @@ from mhmoe.experts import DispatchStats, Experts
 from mhmoe.ffn import FFNConfig
 from mhmoe.model import ModelConfig, Transformer
 from mhmoe.moe import MoELayer
+from mhmoe.errors import UserError
 
 if TYPE_CHECKING:
     from mhmoe.train import TrainConfig
@@ -216,8 +217,6 @@ def init_parallel(ep: int = 1, device: str = "auto") -> Parallel:
 
     Without torchrun (WORLD_SIZE unset) this is the 1-process topology and nothing is initialised.
     """
-    from mhmoe.cli import UserError
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if ep < 1 or world % ep:
@@ -707,7 +706,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m mhmoe.distributed`; user errors are one line and exit code 2."""
     from mhmoe.checkpoint import CheckpointError
-    from mhmoe.cli import UserError
     from mhmoe.data import DataError
     from mhmoe.train import TrainingError
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mhmoe.data import TokenizedCorpus, eval_windows
 from mhmoe.textfiles import text_corpus, text_files
+from mhmoe.errors import UserError
 
 if TYPE_CHECKING:
     from mhmoe.train import LoadedRun
@@ -95,8 +96,6 @@ def evaluate_run(run_dir: Path, step: int | None = None, domains: list[str] | No
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mhmoe.cli import UserError
-
     if not Path(args.run_dir).is_dir():
         raise UserError(f"RUN_DIR: {args.run_dir} is not a directory; pass the --out of a `mhmoe train` run")
     if args.max_tokens is not None and args.max_tokens < 0:

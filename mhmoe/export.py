@@ -42,6 +42,7 @@ from safetensors.torch import save, save_file
 from mhmoe.bitnet import integerize, ternary_weights
 from mhmoe.checkpoint import CheckpointError, atomic_write_text, find_checkpoint, load_model_weights
 from mhmoe.model import ModelConfig, Transformer
+from mhmoe.errors import UserError
 
 FORMAT = "mhmoe-ternary"
 FORMAT_VERSION = 1
@@ -175,7 +176,6 @@ def _bf16_size(model: Transformer) -> int:
 
 def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[str, Any]:
     """Write OUT (see the module docstring) from the run's checkpoint at `step` (default: newest good one)."""
-    from mhmoe.cli import UserError
     from mhmoe.train import load_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -219,8 +219,6 @@ def _cli(args: argparse.Namespace) -> int:
         try:
             from mhmoe.hf import describe_hf_export, export_hf  # needs the optional transformers extra
         except ImportError as e:
-            from mhmoe.cli import UserError
-
             raise UserError(f"--format hf: needs transformers ({e}); pip install '.[hf]'") from None
         report = export_hf(args.run_dir, args.out, args.step)
         print(json.dumps(report, indent=2) if args.json else describe_hf_export(report))

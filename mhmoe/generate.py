@@ -19,6 +19,7 @@ import torch
 
 from mhmoe.data import Tokenizer
 from mhmoe.model import KVCache, Transformer
+from mhmoe.errors import UserError
 
 
 def pick_next(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -119,8 +120,6 @@ def stream_generation(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str,
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Everything that can be judged before the model loads."""
-    from mhmoe.cli import UserError
-
     if not Path(args.run_dir).is_dir():
         raise UserError(f"RUN_DIR: {args.run_dir} is not a directory; pass the --out of a `mhmoe train` run "
                         "or a `mhmoe export` folder")
@@ -136,8 +135,6 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _check_lengths(prompt_len: int, max_new_tokens: int, context: int) -> None:
-    from mhmoe.cli import UserError
-
     if prompt_len > context:
         raise UserError(f"--prompt: {prompt_len} tokens, longer than the model's context of {context} tokens "
                         "(model.max_seq_len); shorten the prompt")

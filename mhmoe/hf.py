@@ -49,6 +49,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from mhmoe.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
 from mhmoe.router import Routing, load_balancing_loss, z_loss
+from mhmoe.errors import UserError
 
 EOS = "<|endoftext|>"
 EXPORT_INFO = "mhmoe_export.json"
@@ -311,7 +312,6 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     Returns a report: source_run, step, out, parameters, bytes of model.safetensors.
     """
     from mhmoe.checkpoint import find_checkpoint, load_model_weights
-    from mhmoe.cli import UserError
     from mhmoe.train import load_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)

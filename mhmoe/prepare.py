@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mhmoe.data import CORPORA, PREPARED_DIR, DataError, _source_files, load_hub_corpus
+from mhmoe.errors import UserError
 
 BYTES_PER_TOKEN = 5  # upper end of what the project's BPEs measure on English web text (4-4.5 bytes/token)
 DEFAULT_EVAL_BYTES = 16_000_000  # an evaluation domain the preset reads whole (max_eval_tokens = 0)
@@ -134,7 +135,6 @@ def prepare_gpt2_tokenizer(root: Path) -> Path:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mhmoe.cli import UserError
     from mhmoe.train import resolve_config
 
     if not args.data_root:

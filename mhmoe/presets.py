@@ -165,9 +165,9 @@ def cpu_scale(variant: str, *, dim: int = 96, n_layers: int = 4, n_heads: int = 
 
 
 def cpu(variant: str) -> TrainConfig:
-    """The CPU reproduction preset, chosen by the pilot in docs/REPRODUCTION.md for the narrowest paired
-    interval of SMoE vs MH-MoE h=3 per CPU-hour: d=96, 4 layers (2 MoE blocks), SMoE 8 x 256 top-1 (MH h=3:
-    96 x 64 on 32-dim sub-tokens), PILOT_STEPS steps of 4096 tokens."""
+    """The CPU reproduction preset, chosen by the pilot in docs/REPRODUCTION.md (benchmarks/cpu_pilot.py) for
+    the narrowest paired interval of SMoE vs MH-MoE h=3 per CPU-hour: d=96, 4 layers (2 MoE blocks), SMoE
+    8 x 256 top-1 (MH h=3: 96 x 64 on 32-dim sub-tokens), 250 steps of 4096 tokens (1.02M tokens)."""
     return cpu_scale(variant)
 
 

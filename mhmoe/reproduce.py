@@ -23,6 +23,7 @@ from mhmoe.checkpoint import atomic_write_text
 from mhmoe.paper_tables import TABLES, Row, run_id
 from mhmoe.report import report
 from mhmoe.train import TrainConfig, train
+from mhmoe.errors import UserError
 
 SEED_BASE = 1337
 # Ternary weights move only when an update crosses a rounding threshold, so the b1.58 recipe trains them at a
@@ -156,8 +157,6 @@ def train_wall(run_dir: Path) -> float:
 
 
 def parse_tables(text: str) -> list[int]:
-    from mhmoe.cli import UserError
-
     try:
         tables = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
@@ -168,8 +167,6 @@ def parse_tables(text: str) -> list[int]:
 
 
 def parse_models(text: str | None, tables: list[int]) -> list[str] | None:
-    from mhmoe.cli import UserError
-
     if not text:
         return None
     models = [m.strip() for m in text.split(",") if m.strip()]
@@ -208,8 +205,6 @@ def _start_workers(args: argparse.Namespace, out: Path, overrides: list[str]) ->
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mhmoe.cli import UserError
-
     tables = parse_tables(args.tables)
     if args.seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {args.seeds}")

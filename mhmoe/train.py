@@ -29,10 +29,11 @@ from mhmoe.checkpoint import (
 )
 from mhmoe.configbase import Config, ConfigError
 from mhmoe.data import DataConfig, Tokenizer, build_tokenizer, resolve_data_root, tokenize_corpus
+from mhmoe.errors import MhmoeError, UserError
 from mhmoe.model import ModelConfig, Transformer
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MhmoeError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the run directory keeps its last good checkpoint."""
 
 
@@ -268,8 +269,6 @@ def train(
 
     Rank 0 holds the run directory's lock throughout; raises UserError if another process is training it.
     """
-    from mhmoe.cli import UserError
-
     with ExitStack() as stack:
         if _dist_info()[0] == 0:
             try:
@@ -487,8 +486,6 @@ RUNTIME_FIELDS = ("threads", "compile", "keep_checkpoints")
 
 
 def _check_same_config(stored: Path, cfg: TrainConfig) -> None:
-    from mhmoe.cli import UserError
-
     try:
         # Through TrainConfig, so that fields added since the run started compare at their defaults.
         old = json.loads(TrainConfig.from_dict(json.loads(stored.read_text(encoding="utf-8"))).to_json())
@@ -535,8 +532,6 @@ class LoadedRun:
 
 
 def load_config(run_dir: Path) -> TrainConfig:
-    from mhmoe.cli import UserError
-
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"RUN_DIR: {run_dir} has no config.json; pass the --out of a `mhmoe train` run")
@@ -573,7 +568,6 @@ def load_run_for_eval(run_dir: Path, step: int | None = None, data_root: str | N
 def resolve_config(preset_name: str | None, variant: str | None, overrides: list[str],
                    run_dir: Path | None = None) -> TrainConfig:
     """Preset + variant + `--set a.b=value` overrides; with neither preset nor model, the run's stored config."""
-    from mhmoe.cli import UserError
     from mhmoe.presets import preset
 
     if preset_name is None and variant is None:
