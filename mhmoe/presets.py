@@ -145,8 +145,8 @@ def tiny(variant: str) -> TrainConfig:
     )
 
 
-def cpu_scale(variant: str, *, dim: int = 96, n_layers: int = 4, n_heads: int = 4, hidden_dim: int = 256,
-              steps: int = 250, lr: float = 2e-3, preset_name: str = "cpu") -> TrainConfig:
+def cpu_scale(variant: str, *, dim: int = 144, n_layers: int = 4, n_heads: int = 4, hidden_dim: int = 384,
+              steps: int = 175, lr: float = 2e-3, preset_name: str = "cpu") -> TrainConfig:
     """The family the `cpu` preset was picked from (benchmarks/cpu_pilot.py): small models trained on many
     tokens per parameter, which narrow the seed-paired interval per CPU-hour most (docs/REPRODUCTION.md).
 
@@ -166,8 +166,8 @@ def cpu_scale(variant: str, *, dim: int = 96, n_layers: int = 4, n_heads: int = 
 
 def cpu(variant: str) -> TrainConfig:
     """The CPU reproduction preset, chosen by the pilot in docs/REPRODUCTION.md (benchmarks/cpu_pilot.py) for
-    the narrowest paired interval of SMoE vs MH-MoE h=3 per CPU-hour: d=96, 4 layers (2 MoE blocks), SMoE
-    8 x 256 top-1 (MH h=3: 96 x 64 on 32-dim sub-tokens), 250 steps of 4096 tokens (1.02M tokens)."""
+    the narrowest paired interval of SMoE vs MH-MoE h=3 per CPU-hour: d=144, 4 layers (2 MoE blocks), SMoE
+    8 x 384 top-1 (MH h=3: 96 x 96 on 48-dim sub-tokens), 175 steps of 4096 tokens (0.72M tokens)."""
     return cpu_scale(variant)
 
 
