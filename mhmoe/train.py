@@ -269,6 +269,7 @@ def train(
 
     Rank 0 holds the run directory's lock throughout; raises UserError if another process is training it.
     """
+    resolve_data_root(data_root, cfg.preset)  # a missing or too-small data root: say so before the lock makes RUN_DIR
     with ExitStack() as stack:
         if _dist_info()[0] == 0:
             try:

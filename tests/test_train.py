@@ -177,8 +177,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, cache, capsys, argv, message)
 
 def test_missing_data_root_and_mismatched_run_dir(tmp_path, cache, capsys, monkeypatch):
     monkeypatch.delenv("MHMOE_DATA_ROOT", raising=False)
-    assert main(["train", "--preset", "smoke", "--model", "smoe", "--out", str(tmp_path / "r")]) == 2
-    assert "set --data-root or MHMOE_DATA_ROOT" in capsys.readouterr().err
+    # No data root: smoke and demo read the embedded sample; a larger preset says where to get the corpora,
+    # before anything is written.
+    assert main(["train", "--preset", "tiny", "--model", "smoe", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'tiny' needs the full corpora" in err and "mhmoe data prepare --preset tiny" in err
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()
     assert main(["train", "--preset", "smoke", "--model", "smoe", "--out", str(tmp_path / "r"),
                  "--data-root", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
