@@ -12,7 +12,6 @@ releases it when the process dies, so a crash never leaves a stale lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from mhmoe.errors import MhmoeError
+from mhmoe.fileio import sha256_file
 
 
 class CheckpointError(MhmoeError, ValueError):
@@ -86,25 +86,6 @@ def run_lock(run_dir: Path, wait: bool = False) -> Iterator[None]:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path via a temporary file and os.replace, so readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
@@ -120,7 +101,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
     save_model(model, str(tmp / "model.safetensors"))  # handles tied embedding / LM-head weights
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "config.json").write_text(config_json, encoding="utf-8")
-    files = {name: _sha256(tmp / name) for name in ("model.safetensors", "trainer.pt", "config.json")}
+    files = {name: sha256_file(tmp / name) for name in ("model.safetensors", "trainer.pt", "config.json")}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": files}, indent=2), encoding="utf-8")
     for name in list(files) + ["manifest.json"]:
         fd = os.open(tmp / name, os.O_RDONLY)
@@ -144,7 +125,7 @@ def verify(ckpt: Path) -> str | None:
         for name, digest in info["sha256"].items():
             if not (ckpt / name).is_file():
                 return f"{name} is missing"
-            if _sha256(ckpt / name) != digest:
+            if sha256_file(ckpt / name) != digest:
                 return f"{name} does not match its sha256 in manifest.json (truncated or corrupted)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"manifest.json unreadable ({e.__class__.__name__})"

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from mhmoe.errors import MhmoeError
+from mhmoe.fileio import sha256_file
 from mhmoe.configbase import Config, ConfigError
 
 EOS = "<|endoftext|>"
@@ -623,7 +624,7 @@ def _verify_prepared(path: Path) -> None:
     if key in _VERIFIED:
         return
     manifest = json.loads(path.with_suffix(".manifest.json").read_text(encoding="utf-8"))
-    if _sha256_file(path) != manifest.get("sha256"):
+    if sha256_file(path) != manifest.get("sha256"):
         raise DataError(f"{path}: sha256 differs from its manifest (a corrupted download); delete it and run "
                         "`mhmoe data prepare` again")
     _VERIFIED[key] = True
@@ -864,15 +865,7 @@ def _token_dtype(vocab_size: int, dtype: str | None) -> np.dtype:
     return np.dtype(dtype)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _batches(docs: Iterable[str], max_docs: int = 512, max_chars: int = 8_000_000) -> Iterator[list[str]]:
+def doc_batches(docs: Iterable[str], max_docs: int = 512, max_chars: int = 8_000_000) -> Iterator[list[str]]:
     # Bounded batches keep memory flat on big corpora while still giving encode_batch enough work to parallelise.
     batch: list[str] = []
     chars = 0
@@ -927,7 +920,7 @@ def tokenize_corpus(
         # The training documents depend on the held-out files too (identical documents are dropped).
         files = sorted(set(files) | set(_heldout_files(root)), key=lambda p: p.as_posix())
     if files:
-        inputs = {p.relative_to(root).as_posix(): _sha256_file(p) for p in files}
+        inputs = {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
     else:
         # Hub corpora cannot be hashed up front; the dataset id stands in (iter_documents explains a missing hub).
         hub = spec.hub
@@ -963,7 +956,7 @@ def tokenize_corpus(
     fd, tmp_bin = tempfile.mkstemp(dir=cache_dir, prefix=f".{stem.name}.bin.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for batch in _batches(docs):
+            for batch in doc_batches(docs):
                 ids = tokenizer.encode_batch(batch)
                 text_bytes += sum(len(d.encode("utf-8")) for d in batch)
                 flat: list[int] = []

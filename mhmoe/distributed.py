@@ -454,7 +454,7 @@ def train_parallel(cfg: "TrainConfig", run_dir: str | os.PathLike, data_root: st
     grid: DDP or FSDP2 for the dense parameters, expert parallelism of degree `ep`; DCP checkpoints in
     RUN_DIR/dcp/step_N every cfg.ckpt_every steps and at the end, resumed at any world size, and the final one
     consolidated into RUN_DIR/checkpoints/ for `mhmoe eval` / `mhmoe export`. Returns {"step", "loss", "wall_s"}."""
-    from mhmoe.checkpoint import atomic_write_text
+    from mhmoe.fileio import atomic_write_text
     from mhmoe.data import TrainSampler, Tokenizer, resolve_data_root, tokenize_corpus
     from mhmoe.train import (
         TrainingError, _check_same_config, _check_vocab, _read_jsonl, build_optimizer, default_cache_dir, lr_at,

@@ -40,7 +40,8 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from mhmoe.bitnet import integerize, ternary_weights
-from mhmoe.checkpoint import CheckpointError, atomic_write_text, find_checkpoint, load_model_weights
+from mhmoe.checkpoint import CheckpointError, find_checkpoint, load_model_weights
+from mhmoe.fileio import atomic_write_text
 from mhmoe.model import ModelConfig, Transformer
 from mhmoe.errors import UserError
 

@@ -13,13 +13,13 @@ also get tokenizer/gpt2/ from the hub's `openai-community/gpt2`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mhmoe.data import CORPORA, PREPARED_DIR, DataError, _source_files, load_hub_corpus
+from mhmoe.fileio import sha256_file
 from mhmoe.errors import UserError
 
 BYTES_PER_TOKEN = 5  # upper end of what the project's BPEs measure on English web text (4-4.5 bytes/token)
@@ -37,14 +37,6 @@ def preset_needs(cfg: Any) -> dict[str, int]:
     for name in d.eval_domains:
         need[name] = 8 * (d.max_eval_tokens + cfg.seq_len + 1) if d.max_eval_tokens else DEFAULT_EVAL_BYTES
     return need
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _resume_point(part: Path) -> tuple[int, int]:
@@ -77,7 +69,7 @@ def prepare_corpus(name: str, root: Path, max_bytes: int, progress: bool = True,
     if final.is_file() and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("source") == source and (manifest["bytes"] >= max_bytes or manifest["complete"]):
-            if _sha256(final) != manifest["sha256"]:
+            if sha256_file(final) != manifest["sha256"]:
                 raise DataError(f"{final}: sha256 differs from its manifest; delete it and prepare again")
             return manifest
         os.replace(final, part)  # a larger budget than last time: extend the finished file
@@ -105,7 +97,7 @@ def prepare_corpus(name: str, root: Path, max_bytes: int, progress: bool = True,
         part.unlink(missing_ok=True)
         raise DataError(f"corpus {name!r}: its hub source gave no documents; check `mhmoe data prepare` output")
     manifest = {"corpus": name, "source": source, "records": records, "bytes": size, "complete": complete,
-                "sha256": _sha256(part)}
+                "sha256": sha256_file(part)}
     os.replace(part, final)
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mhmoe.checkpoint import atomic_write_text
+from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import TABLES, Row, run_id
 from mhmoe.report import report
 from mhmoe.train import TrainConfig, train

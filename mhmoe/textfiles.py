@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mhmoe.data import DataError, Tokenizer, TokenizedCorpus
+from mhmoe.data import DataError, Tokenizer, TokenizedCorpus, doc_batches
 
 FLAG = "--text"
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
@@ -148,20 +148,6 @@ def iter_text_documents(path: str | Path) -> Iterator[str]:
 # Tokenising
 
 
-def _batches(docs: Iterator[str], max_docs: int = 256, max_chars: int = 4_000_000) -> Iterator[list[str]]:
-    # Bounded batches keep memory flat on a large folder while giving encode_batch enough to parallelise.
-    batch: list[str] = []
-    chars = 0
-    for d in docs:
-        batch.append(d)
-        chars += len(d)
-        if len(batch) >= max_docs or chars >= max_chars:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
 def text_corpus(path: str | Path, tokenizer: Tokenizer, seq_len: int, max_tokens: int = 0) -> TokenizedCorpus:
     """`--text PATH` tokenised as `tokenize_corpus` would (eos after each document), ready for `eval_windows`.
 
@@ -175,7 +161,7 @@ def text_corpus(path: str | Path, tokenizer: Tokenizer, seq_len: int, max_tokens
     need = (max_tokens // seq_len) * seq_len + 1 if max_tokens > 0 else 0
     chunks: list[np.ndarray] = []
     offsets = [0]
-    for batch in _batches(iter_text_documents(path)):
+    for batch in doc_batches(iter_text_documents(path)):
         for ids in tokenizer.encode_batch(batch):
             chunks.append(np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32))
             offsets.append(offsets[-1] + len(ids) + 1)

@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 
 from mhmoe.checkpoint import (
-    RunBusy, atomic_write_text, find_checkpoint, latest_good_checkpoint, load_model_weights, prune, run_lock,
-    save_checkpoint,
+    RunBusy, find_checkpoint, latest_good_checkpoint, load_model_weights, prune, run_lock, save_checkpoint,
 )
 from mhmoe.configbase import Config, ConfigError
 from mhmoe.data import DataConfig, Tokenizer, build_tokenizer, resolve_data_root, tokenize_corpus
 from mhmoe.errors import MhmoeError, UserError
+from mhmoe.fileio import atomic_write_text
 from mhmoe.model import ModelConfig, Transformer
 
 

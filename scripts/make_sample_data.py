@@ -29,13 +29,7 @@ OUT = Path(__file__).resolve().parents[1] / "mhmoe" / "sample_data"
 
 
 def _jsonl_prefix(text: str, budget: int) -> str:
-    out, n = [], 0
-    for line in text.splitlines(keepends=True):
-        if n and n + len(line.encode()) > budget:
-            break
-        out.append(line)
-        n += len(line.encode())
-    return "".join(out)
+    return _join_until(text.splitlines(keepends=True), budget)
 
 
 def _wikiextractor_prefix(text: str, budget: int) -> str:

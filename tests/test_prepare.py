@@ -8,6 +8,7 @@ import pytest
 
 from mhmoe import data as D
 from mhmoe import prepare as P
+from mhmoe.fileio import sha256_file
 
 datasets = pytest.importorskip("datasets")
 
@@ -50,7 +51,7 @@ def test_prepare_writes_a_verified_file_that_replaces_streaming(local_hub: Path,
     m = P.prepare_corpus("c4", root, max_bytes=10**9, progress=False)
     assert m["records"] == len(DOCS) and m["complete"] and m["bytes"] == sum(len(d.encode()) for d in DOCS)
     path = root / "hub" / "c4.jsonl"
-    assert P._sha256(path) == m["sha256"] == json.loads((root / "hub" / "c4.manifest.json").read_text())["sha256"]
+    assert sha256_file(path) == m["sha256"] == json.loads((root / "hub" / "c4.manifest.json").read_text())["sha256"]
     assert D.corpus_files("c4", root) == [path]
     assert list(D.iter_documents("c4", root)) == DOCS  # read from the prepared file, not the hub
 
