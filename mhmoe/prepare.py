@@ -7,7 +7,7 @@ and flushed one by one, so an interrupted prepare continues after the last whole
 reached (or the source ends), the file's sha256 goes into <corpus>.manifest.json and the .part file is renamed
 into place atomically; `mhmoe.data` then reads that file instead of streaming, and checks it against the
 manifest's sha256 first. Corpora already on disk under DIR (their usual files) are left alone. GPT-2 presets
-also get tokenizer/gpt2/ from the hub's `openai-community/gpt2`.
+also get tokenizer/gpt2/, copied from the package's sample.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from mhmoe.data import CORPORA, PREPARED_DIR, DataError, _source_files, load_hub_corpus
+from mhmoe.data import CORPORA, PREPARED_DIR, SAMPLE_ROOT, DataError, _read_bytes, _source_files, load_hub_corpus
 from mhmoe.fileio import sha256_file
 from mhmoe.errors import UserError
 
@@ -106,23 +106,15 @@ def prepare_corpus(name: str, root: Path, max_bytes: int, progress: bool = True,
 
 
 def prepare_gpt2_tokenizer(root: Path) -> Path:
-    """tokenizer/gpt2/{encoder.json,vocab.bpe} from the hub's openai-community/gpt2 (vocab.json, merges.txt)."""
+    """tokenizer/gpt2/{encoder.json,vocab.bpe} under `root`, copied from the sample carried in the package (the
+    official GPT-2 files, sha256-checked there; no download needed)."""
     folder = Path(root) / "tokenizer" / "gpt2"
-    if (folder / "encoder.json").is_file() and (folder / "vocab.bpe").is_file():
-        return folder
-    try:
-        from huggingface_hub import hf_hub_download
-
-        files = {dst: hf_hub_download("openai-community/gpt2", src) for src, dst in
-                 (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe"))}
-    except Exception as e:  # network and hub errors alike
-        raise DataError(f"cannot fetch GPT-2's BPE from the hub ({type(e).__name__}); put encoder.json and "
-                        f"vocab.bpe in {folder} by hand") from None
     folder.mkdir(parents=True, exist_ok=True)
-    for dst, src in files.items():
-        tmp = folder / f"{dst}.tmp"
-        tmp.write_bytes(Path(src).read_bytes())
-        os.replace(tmp, folder / dst)
+    for name in ("encoder.json", "vocab.bpe"):
+        if not (folder / name).is_file():
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(_read_bytes(SAMPLE_ROOT / "tokenizer" / "gpt2" / f"{name}.gz"))
+            os.replace(tmp, folder / name)
     return folder
 
 

