@@ -39,7 +39,7 @@ class ModelConfig(Config):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # How the D x D head and merge projections start (docs/DESIGN.md, "Initialisation"): "fan_in" = N(0, 1/D),
+    # How the D x D head and merge projections start (docs/REPRODUCTION.md, "What changed"): "fan_in" = N(0, 1/D),
     # norm-preserving (the variance of the authors' Xavier init for a square matrix), the merge not residual-
     # scaled since the experts' W2 already is; "init_std" = N(0, init_std) with the merge residual-scaled as well,
     # the behaviour before the fairness fix, which starts MH-MoE's block output ~1e4 weaker than SMoE's.

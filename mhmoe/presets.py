@@ -72,7 +72,8 @@ def variant_ffn(base: Base, variant: str) -> FFNConfig:
             cfg = cfg.replace(head_layer=True, merge_layer=True)
     else:
         if len(removals) > 1:
-            raise ConfigError(f"--model: use one of -nohm/-nohead/-nomerge/-drophm/-drophead/-dropmerge, got {variant!r}")
+            raise ConfigError(
+                f"--model: use one of -nohm/-nohead/-nomerge/-drophm/-drophead/-dropmerge, got {variant!r}")
         removal = next(iter(removals), "")
         if "hm" in mods and removal != "nohm":
             raise ConfigError(

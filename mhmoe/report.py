@@ -47,7 +47,8 @@ def run_health(run_dir: Path, cfg: Any) -> dict[str, Any]:
     path = run_dir / "metrics.jsonl"
     recs = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
     out: dict[str, Any] = {"steps": len(recs)}
-    norms = [r["grad_norm"] for r in recs if isinstance(r.get("grad_norm"), (int, float)) and r["grad_norm"] == r["grad_norm"]]
+    norms = [r["grad_norm"] for r in recs
+             if isinstance(r.get("grad_norm"), (int, float)) and math.isfinite(r["grad_norm"])]
     if norms:
         med = statistics.median(norms)
         spikes = [(r["step"], r["grad_norm"]) for r in recs if r.get("grad_norm", 0) > SPIKE_FACTOR * med]
@@ -156,6 +157,11 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                              and x["column"] == col), "-")
                 lines.append(f"| {r.label} | {col} ({step}) | " + " | ".join(cells) + f" | {counts} |")
         lines.append("")
+        flat = [r.label for r in rows if _near_uniform(health, r)]
+        if flat:
+            lines += [f"**Router near uniform** (entropy >= {NEAR_UNIFORM:.0%} of ln E at the end, mean over seeds) in: "
+                      + ", ".join(flat) + ". Comparisons with these rows test models whose routing is close to "
+                      "random; see Training health.", ""]
         if t in verdict:
             v = verdict[t]
             lines += [f"**Claim T{t}: {v['claim']} — {v['verdict'].upper()}** (at {v['column']}, the paper's "
@@ -177,6 +183,12 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                 lines += [f"### {col}", ""] + _comparison_lines([c.as_dict() for _, c in comps]) + [""]
     lines += _health_lines(recs, health)
     return "\n".join(lines)
+
+
+def _near_uniform(health: dict[str, dict[str, Any]], row: Row) -> bool:
+    name = row.variant + ("-bitnet" if row.bitnet else "")
+    fr = [h["entropy_frac"]["100%"] for h in health.values() if h["variant"] == name and "entropy_frac" in h]
+    return bool(fr) and statistics.mean(fr) >= NEAR_UNIFORM
 
 
 def _health_lines(recs: list[dict], health: dict[str, dict[str, Any]]) -> list[str]:

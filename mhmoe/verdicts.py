@@ -175,7 +175,8 @@ def table_comparisons(recs: list[dict], t: int, column: str) -> tuple[str, list[
     none, head, merge = by["mhmoe-h2-drophm"], by["mhmoe-h2-dropmerge"], by["mhmoe-h2-drophead"]
     comps = [compare_rows(recs, head, none, column), compare_rows(recs, merge, none, column),
              compare_rows(recs, head, merge, column)]
-    return "the head layer helps, the merge layer helps, and the head helps more than the merge", [c for c in comps if c]
+    claim = "the head layer helps, the merge layer helps, and the head helps more than the merge"
+    return claim, [c for c in comps if c]
 
 
 def verdicts(recs: list[dict], tables: list[int]) -> dict[int, dict[str, Any]]:

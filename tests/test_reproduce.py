@@ -151,7 +151,13 @@ def test_render_intervals_flops_and_paper_numbers():
     vals = {v: {1: 3.0 - i * 0.1, 2: 3.04 - i * 0.1} for i, v in enumerate(t1)}
     recs = [dict(r, params=1000, active_params=500, flops_per_token=2000 if r["variant"] != "dense" else 2500,
                  step=10) for r in _recs(vals)]
-    md = report.render_tables(recs, [1], "smoke", V.verdicts(recs, [1]), {})
+    health = {"mhmoe-h3-s0": {"variant": "mhmoe-h3", "entropy_frac": {q: 0.995 for q in ("10%", "25%", "50%", "75%",
+                                                                                   "100%")}},
+              "smoe-s0": {"variant": "smoe", "entropy_frac": {q: 0.95 for q in ("10%", "25%", "50%", "75%", "100%")}}}
+    md = report.render_tables(recs, [1], "smoke", V.verdicts(recs, [1]), health)
+    assert "**Router near uniform** (entropy >= 99% of ln E at the end, mean over seeds) in: MH-MoE (head=3)." in md
+    assert "| mhmoe-h3 | 0.995 | 0.995 | 0.995 | 0.995 | 0.995 | **near uniform** |" in md
+    assert "| smoe | 0.950 | 0.950 | 0.950 | 0.950 | 0.950 | learned |" in md
     dense = statistics.mean([math.exp(3.0), math.exp(3.04)])
     assert f"| Dense | 100% (10) | {dense:.2f} ± " in md and "(12.13)" in md
     assert "| 1.250 |" in md and "| 1.000 |" in md  # FLOPs x SMoE per row
