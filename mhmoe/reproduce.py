@@ -117,8 +117,9 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
                                                    f"{r.cfg.steps} steps of {r.cfg.tokens_per_step:,} tokens{eta}"))
         t0 = time.time()
         state = train(r.cfg, run_dir, data_root, cache_dir, progress=progress)
-        evals = {f"{int(100 * m / r.cfg.steps)}%": _eval_cached(run_dir, m, r.cfg, data_root, cache_dir)
-                 for m in r.cfg.milestones}
+        # Named by position, not by m / steps: an odd step count puts the mid milestone at 49.7%.
+        evals = {col: _eval_cached(run_dir, m, r.cfg, data_root, cache_dir)
+                 for col, m in zip(("50%", "100%"), r.cfg.milestones)}
         spent = time.time() - t0
         if state.wall_s > 5 and state.step > 0:
             durations.append(spent)

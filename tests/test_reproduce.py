@@ -277,3 +277,17 @@ def test_workers_share_the_matrix_and_train_each_run_once(tmp_path, capsys):
 def test_workers_flag_is_validated(tmp_path, capsys):
     assert main(["reproduce", "--preset", "smoke", "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
     assert "--workers: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_milestone_columns_are_named_by_position_for_odd_step_counts(tmp_path, monkeypatch):
+    """175 steps put the mid milestone at step 87 (49.7%): it is still the "50%" column the verdicts read."""
+    from types import SimpleNamespace
+
+    runs = [r for r in R.plan("cpu", [1], 1) if r.row.variant == "smoe"]
+    assert runs[0].cfg.steps == 175 and runs[0].cfg.milestones == (87, 175)
+    seen = []
+    monkeypatch.setattr(R, "train", lambda cfg, run_dir, *a, **k: SimpleNamespace(wall_s=0.0, step=cfg.steps))
+    monkeypatch.setattr(R, "_eval_cached", lambda run_dir, step, *a: seen.append(step) or {"step": step})
+    monkeypatch.setattr(R, "train_wall", lambda run_dir: 0.0)
+    results = R.execute(runs, tmp_path, None, None, progress=False, log=lambda m: None)
+    assert results["smoe-s0"]["evals"] == {"50%": {"step": 87}, "100%": {"step": 175}} and seen == [87, 175]
