@@ -134,6 +134,9 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
             with run_lock(run_dir):
                 run_one(i, r, run_dir)
         except RunBusy as e:
+            if report_only:  # a report of what is finished must not wait for a run still training elsewhere
+                log(f"[{i + 1}/{len(runs)}] {r.run_id}: being trained by another process (pid {e.pid}), left out")
+                continue
             log(f"[{i + 1}/{len(runs)}] {r.run_id}: in use by another process (pid {e.pid}); back to it at the end")
             deferred.append((i, r))
     for i, r in deferred:

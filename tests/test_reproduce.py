@@ -291,3 +291,22 @@ def test_milestone_columns_are_named_by_position_for_odd_step_counts(tmp_path, m
     monkeypatch.setattr(R, "train_wall", lambda run_dir: 0.0)
     results = R.execute(runs, tmp_path, None, None, progress=False, log=lambda m: None)
     assert results["smoe-s0"]["evals"] == {"50%": {"step": 87}, "100%": {"step": 175}} and seen == [87, 175]
+
+
+def test_report_only_leaves_out_a_run_another_process_is_training(tmp_path, monkeypatch):
+    from conftest import hold_run_lock
+
+    runs = R.plan("smoke", [5], 1)
+    out, release = tmp_path / "repro", tmp_path / "release"
+    for r in runs:
+        (out / "runs" / r.run_id).mkdir(parents=True)
+    busy = runs[0].run_id
+    holder = hold_run_lock(out / "runs" / busy, release)
+    logs = []
+    try:
+        results = R.execute(runs, out, None, None, progress=False, log=logs.append, report_only=True)
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert results == {}  # nothing finished; and it returned without waiting for the busy run
+    assert any(f"{busy}: being trained by another process (pid {holder.pid}), left out" in l for l in logs)
