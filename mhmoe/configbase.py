@@ -111,14 +111,10 @@ class Config:
     @classmethod
     def _upgrade(cls, name: str, value: Any) -> Any:
         table = cls.LEGACY.get(name)
-        if not table:
+        if not table or not isinstance(value, (bool, str)):  # only scalars from JSON or the command line
             return value
-        key = value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            key = value.lower() == "true"
-        if isinstance(key, bool) and key in table:
-            return table[key]
-        return table.get(key, value) if isinstance(key, str) else value
+        key = value.lower() == "true" if isinstance(value, str) and value.lower() in ("true", "false") else value
+        return table.get(key, value)
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

@@ -42,9 +42,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mhmoe.configbase import Config, ConfigError
 from mhmoe.errors import MhmoeError
 from mhmoe.fileio import sha256_file
-from mhmoe.configbase import Config, ConfigError
 
 EOS = "<|endoftext|>"
 ENV_DATA_ROOT = "MHMOE_DATA_ROOT"
@@ -571,13 +571,11 @@ def iter_documents(name: str, root: Path, max_bytes: int = 0) -> Iterator[str]:
             return _cap_bytes(load_hub_corpus(name), max_bytes)
         _verify_prepared(prepared)
         docs = read_jsonl(prepared)
-        if spec.role == "train":
-            docs = _decontaminate(docs, _heldout_hashes(root))
-        return _cap_bytes(docs, max_bytes)
-    streams = [
-        (sum(p.stat().st_size for p in files), _chain_files(_READERS[s.reader], files)) for s, files in groups
-    ]
-    docs = streams[0][1] if len(streams) == 1 else _interleave(streams)
+    else:
+        streams = [
+            (sum(p.stat().st_size for p in files), _chain_files(_READERS[s.reader], files)) for s, files in groups
+        ]
+        docs = streams[0][1] if len(streams) == 1 else _interleave(streams)
     if spec.role == "train":
         docs = _decontaminate(docs, _heldout_hashes(root))
     return _cap_bytes(docs, max_bytes)
@@ -614,7 +612,7 @@ def _heldout_hashes(root: Path) -> set[bytes]:
     return hashes
 
 
-_VERIFIED: dict[tuple[str, int, int], bool] = {}
+_VERIFIED: set[tuple[str, int, int]] = set()
 
 
 def _verify_prepared(path: Path) -> None:
@@ -627,7 +625,7 @@ def _verify_prepared(path: Path) -> None:
     if sha256_file(path) != manifest.get("sha256"):
         raise DataError(f"{path}: sha256 differs from its manifest (a corrupted download); delete it and run "
                         "`mhmoe data prepare` again")
-    _VERIFIED[key] = True
+    _VERIFIED.add(key)
 
 
 def _decontaminate(docs: Iterable[str], heldout: set[bytes]) -> Iterator[str]:

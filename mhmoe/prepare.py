@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mhmoe.data import CORPORA, PREPARED_DIR, SAMPLE_ROOT, DataError, _read_bytes, _source_files, load_hub_corpus
-from mhmoe.fileio import sha256_file
 from mhmoe.errors import UserError
+from mhmoe.fileio import atomic_write_text, sha256_file
 
 BYTES_PER_TOKEN = 5  # upper end of what the project's BPEs measure on English web text (4-4.5 bytes/token)
 DEFAULT_EVAL_BYTES = 16_000_000  # an evaluation domain the preset reads whole (max_eval_tokens = 0)
@@ -99,9 +99,7 @@ def prepare_corpus(name: str, root: Path, max_bytes: int, progress: bool = True,
     manifest = {"corpus": name, "source": source, "records": records, "bytes": size, "complete": complete,
                 "sha256": sha256_file(part)}
     os.replace(part, final)
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return manifest
 
 

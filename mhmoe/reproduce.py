@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from mhmoe.data import resolve_data_root
+from mhmoe.errors import UserError
 from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import TABLES, Row, run_id
 from mhmoe.report import report
 from mhmoe.train import TrainConfig, train
-from mhmoe.errors import UserError
 
 SEED_BASE = 1337
 # Ternary weights move only when an update crosses a rounding threshold, so the b1.58 recipe trains them at a
@@ -222,8 +223,6 @@ def _cli(args: argparse.Namespace) -> int:
     models = parse_models(args.models, tables)
     runs = plan(args.preset, tables, args.seeds, overrides, models)
     if not args.dry_run:
-        from mhmoe.data import resolve_data_root
-
         resolve_data_root(args.data_root, args.preset)  # a preset too large for the embedded sample: say so now
     print(f"mhmoe reproduce: preset {args.preset}, tables {','.join(map(str, tables))}, {args.seeds} seed(s): "
           f"{len(runs)} runs in {out}" + (f", {args.workers} worker processes" if args.workers > 1 else ""),
