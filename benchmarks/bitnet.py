@@ -43,10 +43,12 @@ import torch
 from safetensors.torch import save
 
 from mhmoe.bench import hardware, timed_rounds
-from mhmoe.bitnet import BitLinear, IntBitLinear
+from mhmoe.bitnet.integer import IntBitLinear
+from mhmoe.bitnet.modules import BitLinear
 from mhmoe.export import integer_model, ternary_state
-from mhmoe.model import KVCache, Transformer
-from mhmoe.presets import PRESETS
+from mhmoe.layers.attention import KVCache
+from mhmoe.model import Transformer
+from mhmoe.training.presets import PRESETS
 
 FORMS = ("fp32", "bf16", "fake-quant", "int8")
 SHAPES = ("batch", "sequence", "decode")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from mhmoe.presets import cpu_scale
 from mhmoe.paper_tables import Row
 from mhmoe.reproduce import PlannedRun, execute
+from mhmoe.training.presets import cpu_scale
 from mhmoe.verdicts import paired_interval
 
 CANDIDATES = {  # name: (cpu_scale keywords, steps); B gets the steps A's wall time buys (0.7x A's tokens/s)

@@ -18,8 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mhmoe.data import eval_windows
-from mhmoe.evaluate import load_run
+from mhmoe.data.sampler import eval_windows
+from mhmoe.training.evaluate import load_run
 
 
 @torch.no_grad()

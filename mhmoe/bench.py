@@ -58,10 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhmoe.complexity import fine_grained, flops_per_token, model_flops_per_token, solve_parity
-from mhmoe.ffn import FFNConfig, MoEAux, build_ffn
-from mhmoe.moe import MoELayer
-from mhmoe.router import load_balancing_loss, router_entropy, z_loss
 from mhmoe.errors import UserError
+from mhmoe.layers.build import build_ffn
+from mhmoe.layers.config import FFNConfig, MoEAux
+from mhmoe.layers.moe import MoELayer
+from mhmoe.layers.router import load_balancing_loss, router_entropy, z_loss
 
 PAPER_LAYERS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
 MODES = ("fwd", "fwd+bwd")
@@ -284,7 +285,7 @@ def hardware() -> dict[str, str]:
 
 
 def _meta(args: argparse.Namespace) -> dict:
-    from mhmoe import cli
+    from mhmoe import runtime
 
     env = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ)
     # The command as typed: the console script, or `python benchmarks/layers.py` (which adds the subcommand).
@@ -293,7 +294,7 @@ def _meta(args: argparse.Namespace) -> dict:
     return {
         **hardware(), "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": f"{env} {cmd}".strip(), "threads": torch.get_num_threads(), "malloc_tuned": cli.MALLOC_TUNED,
+        "command": f"{env} {cmd}".strip(), "threads": torch.get_num_threads(), "malloc_tuned": runtime.MALLOC_TUNED,
         "loadavg_start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
@@ -461,8 +462,8 @@ def bench_layers(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[
 def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     """One AdamW step per variant of `args.preset` on random tokens, shuffled rounds; (records, gemm rates)."""
     from mhmoe.model import Transformer
-    from mhmoe.presets import preset
-    from mhmoe.train import build_optimizer
+    from mhmoe.training.optim import build_optimizer
+    from mhmoe.training.presets import preset
 
     steps: dict[str, Callable[[], None]] = {}
     info: dict[str, tuple] = {}
@@ -579,7 +580,7 @@ def _cli(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.what == "layers":
         if args.dtypes is None:  # bf16 only where the CPU has it natively: elsewhere one round takes minutes
-            from mhmoe.train import cpu_has_fast_bf16
+            from mhmoe.training.device import cpu_has_fast_bf16
 
             args.dtypes = "float32,bfloat16" if cpu_has_fast_bf16() else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
@@ -594,7 +595,7 @@ def _cli(args: argparse.Namespace) -> int:
                     rounds=args.rounds)
         records, gemm = bench_layers(args, log)
     else:
-        from mhmoe.presets import PRESETS
+        from mhmoe.training.presets import PRESETS
 
         if args.preset not in PRESETS:
             raise UserError(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")

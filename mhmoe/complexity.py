@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mhmoe.ffn import FFNConfig
+from mhmoe.layers.config import FFNConfig
 
 if TYPE_CHECKING:  # model.py imports ffn.py too; only the annotations need it here
     from mhmoe.model import ModelConfig

@@ -13,13 +13,10 @@ import types
 import typing
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
-from mhmoe.errors import MhmoeError
+from mhmoe.errors import ConfigError
 
 C = TypeVar("C", bound="Config")
 
-
-class ConfigError(MhmoeError, ValueError):
-    """A config value or key is invalid; the message names the field and the fix."""
 
 
 def _type_name(tp: Any) -> str:

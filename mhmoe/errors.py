@@ -15,3 +15,19 @@ class MhmoeError(Exception):
 
 class UserError(MhmoeError):
     """An error in what the user asked for (a flag, a path, a run directory)."""
+
+
+class ConfigError(MhmoeError, ValueError):
+    """A config value or key is invalid; the message names the field and the fix."""
+
+
+class DataError(MhmoeError, ValueError):
+    """A data file, corpus name or data setting is unusable; the message names it and the fix."""
+
+
+class CheckpointError(MhmoeError, ValueError):
+    """No usable checkpoint where one was required; the message says where and what to do."""
+
+
+class TrainingError(MhmoeError, RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the run directory keeps its last good checkpoint."""

@@ -27,7 +27,6 @@ File format "mhmoe-ternary", format_version 1 (safetensors; metadata values are 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -39,11 +38,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from mhmoe.bitnet import integerize, ternary_weights
-from mhmoe.checkpoint import CheckpointError, find_checkpoint, load_model_weights
+from mhmoe.bitnet.integer import integerize, ternary_weights
+from mhmoe.errors import CheckpointError, UserError
 from mhmoe.fileio import atomic_write_text
 from mhmoe.model import ModelConfig, Transformer
-from mhmoe.errors import UserError
+from mhmoe.training.checkpoint import find_checkpoint, load_model_weights
 
 FORMAT = "mhmoe-ternary"
 FORMAT_VERSION = 1
@@ -150,8 +149,9 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 def load_exported_run(out_dir: Path, step: int | None = None, data_root: str | None = None,
                       cache_dir: str | None = None):  # noqa: ANN201 - mhmoe.train.LoadedRun
     """LoadedRun of an export directory: its integer model on the CPU, float32 around the int8 matmuls."""
-    from mhmoe.data import Tokenizer, resolve_data_root
-    from mhmoe.train import LoadedRun, default_cache_dir, load_config
+    from mhmoe.data.corpora import resolve_data_root
+    from mhmoe.data.tokenizer import Tokenizer
+    from mhmoe.training.rundir import LoadedRun, default_cache_dir, load_config
 
     cfg = load_config(out_dir)
     tensors, meta = read_ternary(out_dir / WEIGHTS_FILE)
@@ -177,7 +177,7 @@ def _bf16_size(model: Transformer) -> int:
 
 def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[str, Any]:
     """Write OUT (see the module docstring) from the run's checkpoint at `step` (default: newest good one)."""
-    from mhmoe.train import load_config
+    from mhmoe.training.rundir import load_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
@@ -213,39 +213,3 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[st
               "out": str(out_dir), "ternary_params": n_ternary, "full_precision_params": n_fp, "bytes": sizes}
     atomic_write_text(out_dir / "export.json", json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _cli(args: argparse.Namespace) -> int:
-    if args.format == "hf":
-        try:
-            from mhmoe.hf import describe_hf_export, export_hf  # needs the optional transformers extra
-        except ImportError as e:
-            raise UserError(f"--format hf: needs transformers ({e}); pip install '.[hf]'") from None
-        report = export_hf(args.run_dir, args.out, args.step)
-        print(json.dumps(report, indent=2) if args.json else describe_hf_export(report))
-        return 0
-    report = export_run(Path(args.run_dir), Path(args.out), args.step)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    b = report["bytes"]
-    print(f"exported step {report['step']} of {args.run_dir} to {args.out} ({FORMAT} v{FORMAT_VERSION})")
-    print(f"  {report['ternary_params']:,} ternary weights at 2 bits + {report['full_precision_params']:,} "
-          "full-precision values (embeddings, norms, routers) at 32 bits")
-    print(f"  {'file':<30}{'bytes':>14}{'x packed':>10}")
-    for label, key in (("packed ternary (this export)", "packed"), ("bf16 checkpoint", "bf16"),
-                       ("fp32 checkpoint", "fp32")):
-        print(f"  {label:<30}{b[key]:>14,}{b[key] / b['packed']:>10.2f}")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a run: packed ternary BitNet weights, or a Hugging Face model dir")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `mhmoe train` run (model.bitnet=true for ternary)")
-    p.add_argument("out", metavar="OUT", help="output folder (ternary: then `mhmoe eval OUT`)")
-    p.add_argument("--format", default="ternary", choices=["ternary", "hf"],
-                   help="ternary: 2-bit packed weights + fp32 scales and full-precision tensors (default); "
-                        "hf: save_pretrained directory for transformers' AutoModelForCausalLM (with the tokenizer)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest good one)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cli)

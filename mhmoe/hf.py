@@ -39,7 +39,12 @@ from einops import rearrange
 
 try:
     from transformers import (
-        AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel,
+        AutoConfig,
+        AutoModelForCausalLM,
+        DynamicCache,
+        GenerationMixin,
+        PretrainedConfig,
+        PreTrainedModel,
         PreTrainedTokenizerFast,
     )
     from transformers.cache_utils import Cache
@@ -47,11 +52,12 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"mhmoe.hf needs Hugging Face transformers ({e}); install it: pip install 'mhmoe[hf]'") from None
 
-from mhmoe.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
-from mhmoe.router import Routing, load_balancing_loss, z_loss
+from mhmoe.data.corpora import EOS
 from mhmoe.errors import UserError
+from mhmoe.layers.attention import Attention, apply_rope, rope_tables
+from mhmoe.layers.router import Routing, load_balancing_loss, z_loss
+from mhmoe.model import ModelConfig, Transformer
 
-EOS = "<|endoftext|>"
 EXPORT_INFO = "mhmoe_export.json"
 REMOTE_MODULE = "modeling_mhmoe"
 
@@ -311,8 +317,8 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     gives the native model's logits.
     Returns a report: source_run, step, out, parameters, bytes of model.safetensors.
     """
-    from mhmoe.checkpoint import find_checkpoint, load_model_weights
-    from mhmoe.train import load_config
+    from mhmoe.training.checkpoint import find_checkpoint, load_model_weights
+    from mhmoe.training.rundir import load_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
@@ -329,7 +335,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
         native = Transformer(cfg.model)
     load_model_weights(native, ckpt)
-    from mhmoe.data import Tokenizer
+    from mhmoe.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(run_dir / "tokenizer")
     model = MHMoEForCausalLM.from_native(native.eval(), bos_token_id=tok.eos_id, eos_token_id=tok.eos_id,

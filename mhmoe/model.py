@@ -16,11 +16,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from mhmoe.configbase import Config, ConfigError
-from mhmoe.ffn import FFNConfig, MoEAux, build_ffn
+from mhmoe.bitnet.modules import convert
+from mhmoe.configbase import Config
+from mhmoe.errors import ConfigError
+from mhmoe.layers.attention import Attention, KVCache, rope_tables
+from mhmoe.layers.build import build_ffn
+from mhmoe.layers.config import FFNConfig, MoEAux
+from mhmoe.layers.norm import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -83,73 +87,11 @@ class ModelOutput:
     aux: list[MoEAux]  # one per MoE block, in depth order
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_len, head_dim/2] for rotary position embeddings."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
-    return ang.cos().float(), ang.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, A, T, Dh] rotated pairwise (x1, x2) by the position angles; cos/sin: [T, Dh/2]."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.to(x.dtype)
-
-
-class KVCache:
-    """Per-layer key/value tensors for incremental decoding; `pos` = number of cached positions."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.n_heads, self.layer = cfg.n_heads, layer
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        T = x.shape[1]
-        q, k, v = rearrange(self.qkv(x), "b t (three a d) -> three b a t d", three=3, a=self.n_heads)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = cache.pos if cache is not None else 0
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, A, P+T, Dh]
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new queries sit at positions past..past+T-1 and see every key up to their own position
-            mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(rearrange(y, "b a t d -> b t (a d)"))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg.dim, cfg.n_heads, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(cfg.ffn_config(layer))
         self.is_moe = cfg.is_moe_block(layer)
@@ -184,8 +126,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(init_seed)
         if cfg.bitnet:  # swap in the BitNet modules around the initialised weights: same init as the fp model
-            from mhmoe.bitnet import convert  # local import: mhmoe.bitnet imports this module
-
             convert(self, router=cfg.bitnet_router)
 
     @torch.no_grad()
@@ -273,9 +213,3 @@ class Transformer(nn.Module):
             out = torch.cat([out, nxt], dim=1)
             step_input = nxt
         return out
-
-
-def param_counts(model: Transformer) -> dict[str, int]:
-    """Total parameters (tied weights once) and the embedding share."""
-    total = sum(p.numel() for p in model.parameters())
-    return {"total": total, "embedding": model.embed.weight.numel()}

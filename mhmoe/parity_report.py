@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mhmoe.complexity import ParityResult, active_param_count, flops_per_token, param_count
-from mhmoe.ffn import FFNConfig
+from mhmoe.layers.config import FFNConfig
 
 
 def _fmt(n: float) -> str:

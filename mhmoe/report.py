@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mhmoe.fileio import atomic_write_text
 from mhmoe.complexity import model_flops_per_token, model_param_count
+from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import DOMAIN_TITLES, DOMAINS, PAPER, TABLES, Row, run_id
 from mhmoe.verdicts import COLUMNS, Comparison, paper_ppl, verdicts, versus_smoe
 

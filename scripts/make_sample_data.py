@@ -1,4 +1,4 @@
-"""Build `mhmoe/sample_data/`, the corpus sample carried in the repository, from a full data root.
+"""Build `mhmoe/data/sample_data/`, the corpus sample carried in the repository, from a full data root.
 
 The sample has the data root's layout, every file gzip-compressed (`name.gz`), each a prefix of whole documents
 of its source file, so every reader, the train/eval split and the decontamination work on it unchanged:
@@ -9,9 +9,9 @@ of its source file, so every reader, the train/eval split and the decontaminatio
     smoke          tinyshakespeare, whole
     tokenizer      GPT-2's BPE (encoder.json, vocab.bpe), whole
 
-    python scripts/make_sample_data.py --src ../shared/data      # rewrites mhmoe/sample_data/
+    python scripts/make_sample_data.py --src ../shared/data      # rewrites mhmoe/data/sample_data/
 
-It also writes mhmoe/sample_data/PROVENANCE.md: per file its source, licence (from the source's PROVENANCE.md),
+It also writes mhmoe/data/sample_data/PROVENANCE.md: per file its source, licence (from the source's PROVENANCE.md),
 bytes kept and sha256 of the uncompressed sample.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 TRAIN_FRACTION = 0.14  # of each training file: ~4.8 MB of text, enough for `demo` (4 MB) and `smoke`
 EVAL_BYTES = 320_000  # per evaluation corpus (RedPajama-val shares it among its 5 files): ~70k tokens each
-OUT = Path(__file__).resolve().parents[1] / "mhmoe" / "sample_data"
+OUT = Path(__file__).resolve().parents[1] / "mhmoe" / "data" / "sample_data"
 
 
 def _jsonl_prefix(text: str, budget: int) -> str:
@@ -115,7 +115,7 @@ def main() -> int:
                     f"{dest.stat().st_size:,} | `{hashlib.sha256(data).hexdigest()}` | {licences.get(rel, '?')} |")
     total = sum(f.stat().st_size for f in OUT.rglob("*.gz"))
     (OUT / "PROVENANCE.md").write_text(
-        "# mhmoe/sample_data: the corpus sample carried in the repository\n\n"
+        "# mhmoe/data/sample_data: the corpus sample carried in the repository\n\n"
         "Built by `python scripts/make_sample_data.py --src ../shared/data` from the project's data root, whose own "
         "PROVENANCE.md traces every file to its public source. Each file here is a prefix of whole documents of the "
         "same-named source file, gzip-compressed (Gutenberg books: licence header and footer kept, body cut at a "

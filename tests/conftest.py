@@ -15,7 +15,7 @@ def _seed():
 def shared_data_root() -> Path:
     """The real corpora: $MHMOE_DATA_ROOT (make points it at ../shared/data when that exists), else the sample
     carried in the package, so the real-corpus tests run on a fresh clone too."""
-    from mhmoe.data import SAMPLE_ROOT
+    from mhmoe.data.corpora import SAMPLE_ROOT
 
     env = os.environ.get("MHMOE_DATA_ROOT")
     for cand in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data"]:
@@ -26,7 +26,7 @@ def shared_data_root() -> Path:
 
 _HOLD = """
 import pathlib, sys, time
-from mhmoe.checkpoint import run_lock
+from mhmoe.training.checkpoint import run_lock
 with run_lock(pathlib.Path(sys.argv[1])):
     print("held", flush=True)
     while not pathlib.Path(sys.argv[2]).exists():

@@ -1,0 +1,1 @@
+"""Scale-out on torch.distributed: process topology, expert parallelism, distributed checkpoints, memory."""

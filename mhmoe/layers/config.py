@@ -1,0 +1,150 @@
+"""The FFN layer family: one config (`FFNConfig`), one builder (`build_ffn`), one aux record (`MoEAux`).
+
+    kind="dense"            SwiGLU FFN  (silu(x W1) * (x W3)) W2                         eq. (5), SwiGLU form
+    kind="moe", heads=1     SMoE / fine-grained SMoE: router + E SwiGLU experts         eq. (1)
+    kind="moe", heads=h     MH-MoE: head proj, h sub-tokens, shared router, merge proj  eq. (2)-(4)
+
+Shape legend: B batch, T time, D model dim, F hidden dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mhmoe.configbase import Config
+from mhmoe.errors import ConfigError
+
+Dispatch = Literal["sorted", "grouped_mm"]
+Renormalize = Literal["auto", "always", "never"]
+Threading = Literal["auto", "intra-op", "inter-expert"]
+
+
+@dataclass(frozen=True)
+class FFNConfig(Config):
+    """Configuration of one FFN / MoE / MH-MoE layer.
+
+    Attributes:
+        kind: "dense" (SwiGLU FFN) or "moe" (routed experts; MH-MoE when heads > 1).
+        dim: model dimension D (input and output width of the layer).
+        hidden_dim: hidden width F of the dense FFN or of each expert.
+        num_experts: E, routed experts (moe only).
+        top_k: K, experts per (sub-)token (moe only).
+        heads: h, sub-tokens per token; each has D/h features (moe only).
+        head_layer: apply the D x D head projection W_head before splitting, eq. (2).
+        merge_layer: apply the D x D merge projection W_merge after concatenating, eq. (4).
+        shared_hidden_dim: hidden width of an always-on shared expert on the full token; 0 = none.
+        renormalize: whether the top-k softmax weights are renormalised to sum to 1. "auto" (default) does so
+            when top_k > 1 and keeps the raw softmax probability at top_k = 1, as the authors' runs do (their
+            script passes --moe-normalize-gate-prob-before-dropping to fairseq's top-k gate; the paper's text is
+            silent). "always" also renormalises top-1 (weight 1, as Mixtral); "never" keeps raw probabilities
+            for every k. Booleans from older configs load as True -> "always", False -> "never".
+        lb_coef: coefficient of the Switch/GShard load-balancing loss.
+        z_coef: coefficient of the router z-loss (0 = off).
+        jitter: multiplicative input jitter eps for the router in training (0 = off).
+        capacity_factor: 0 = dropless (default); > 0 drops assignments beyond
+            ceil(capacity_factor * N * K / E) per expert, in training only.
+        dispatch: "sorted" (sort by expert, one matmul per contiguous group) or "grouped_mm"
+            (torch's grouped GEMM over the same sorted layout).
+        recompute: keep no [N*K, F] expert activations for the backward and recompute the experts' W1/W3
+            products there instead (less memory, 2/9 more expert matmul FLOPs in training; sorted dispatch).
+        threading: how CPU threads share the experts (sorted dispatch; no effect on CUDA or at 1 thread):
+            "intra-op" runs one expert after another, each matmul on all torch threads; "inter-expert" runs T
+            ranges of experts at once, one thread each; "auto" = inter-expert when there are at least
+            16 non-empty experts per thread (MH-MoE's many small experts), else intra-op.
+    """
+
+    kind: Literal["dense", "moe"] = "moe"
+    dim: int = 768
+    hidden_dim: int = 2048
+    num_experts: int = 8
+    top_k: int = 1
+    heads: int = 1
+    head_layer: bool = False
+    merge_layer: bool = False
+    shared_hidden_dim: int = 0
+    renormalize: Renormalize = "auto"
+    lb_coef: float = 0.01
+    z_coef: float = 0.0
+    jitter: float = 0.0
+    capacity_factor: float = 0.0
+    dispatch: Dispatch = "sorted"
+    recompute: bool = False
+    threading: Threading = "auto"
+
+    def validate(self) -> None:
+        if self.dim <= 0:
+            raise ConfigError(f"FFNConfig.dim: must be > 0, got {self.dim}")
+        if self.hidden_dim <= 0:
+            raise ConfigError(f"FFNConfig.hidden_dim: must be > 0, got {self.hidden_dim}")
+        if self.shared_hidden_dim < 0:
+            raise ConfigError(f"FFNConfig.shared_hidden_dim: must be >= 0 (0 = no shared expert), got {self.shared_hidden_dim}")
+        if self.kind == "dense":
+            moe_only = {
+                "heads": (self.heads, 1), "head_layer": (self.head_layer, False),
+                "merge_layer": (self.merge_layer, False), "shared_hidden_dim": (self.shared_hidden_dim, 0),
+            }
+            for name, (value, default) in moe_only.items():
+                if value != default:
+                    raise ConfigError(f"FFNConfig.{name}: only applies to kind='moe'; leave it at {default!r} for a dense FFN")
+            return
+        if self.num_experts < 1:
+            raise ConfigError(f"FFNConfig.num_experts: must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"FFNConfig.top_k: must satisfy 1 <= top_k <= num_experts ({self.num_experts}), got {self.top_k}"
+            )
+        if self.heads < 1:
+            raise ConfigError(f"FFNConfig.heads: must be >= 1, got {self.heads}")
+        if self.dim % self.heads != 0:
+            raise ConfigError(f"FFNConfig.heads: dim ({self.dim}) must be divisible by heads ({self.heads})")
+        for name in ("lb_coef", "z_coef", "capacity_factor"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"FFNConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.dispatch == "grouped_mm" and (self.head_dim % 8 or self.hidden_dim % 8):
+            raise ConfigError(
+                f"FFNConfig.dispatch: grouped_mm needs dim/heads ({self.head_dim}) and hidden_dim ({self.hidden_dim}) "
+                "to be multiples of 8 (16-byte strides); use dispatch='sorted'"
+            )
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
+
+    LEGACY = {"renormalize": {True: "always", False: "never"}}  # configs written before it had three modes
+
+    @property
+    def renormalizes(self) -> bool:
+        """Whether this layer's router renormalises its top-k weights (`renormalize` resolved for top_k)."""
+        return self.renormalize == "always" or (self.renormalize == "auto" and self.top_k > 1)
+
+    @property
+    def head_dim(self) -> int:
+        """Width D/h of one sub-token (= D for SMoE)."""
+        return self.dim // self.heads
+
+
+@dataclass
+class MoEAux:
+    """What a layer reports besides its output; zeros for a dense FFN.
+
+    Attributes:
+        loss: lb_coef * lb_loss + z_coef * z_loss (add to the training loss).
+        lb_loss: Switch/GShard load-balancing loss, E * sum_e f_e P_e over all K choices (1.0 when balanced).
+        z_loss: mean squared log-sum-exp of router logits.
+        router_entropy: mean entropy (nats) of the router distribution per (sub-)token.
+        tokens_per_expert: [E] assignments routed to each expert (before any capacity drop).
+        dropped_fraction: fraction of assignments dropped by the capacity limit (0 when dropless).
+    """
+
+    loss: torch.Tensor
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    router_entropy: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+    @staticmethod
+    def zeros(device: torch.device | str = "cpu") -> "MoEAux":
+        z = torch.zeros((), device=device)
+        return MoEAux(z, z, z, z, torch.zeros(0, dtype=torch.long, device=device), z)

@@ -1,0 +1,70 @@
+"""The MoE layer: SMoE (heads=1) and MH-MoE (heads=h), with optional head/merge layers and shared expert.
+
+    x' = x W_head                                   eq. (2)  (head_layer)
+    [x'_1, ..., x'_h] = split(x')                   h sub-tokens of D/h, contiguous slices, order kept
+    y'_j = sum_{i in Phi} G(x'_j)_i Expert_i(x'_j)  eq. (3)  one router shared by all sub-tokens
+    y' = concat(y'_1, ..., y'_h)
+    y = y' W_merge                                  eq. (4)  (merge_layer)
+    y = y + SharedExpert(x)                         (shared_hidden_dim > 0, applied to the full token)
+
+Shape legend: B batch, T time, D model dim, H heads, N = B*T*H sub-tokens, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from mhmoe.layers.config import FFNConfig, MoEAux
+from mhmoe.layers.experts import Experts, expert_capacity
+from mhmoe.layers.ffn import SwiGLU
+from mhmoe.layers.router import TopKRouter, load_balancing_loss, router_entropy, z_loss
+
+
+class MoELayer(nn.Module):
+    """kind="moe" of the layer family; see the module docstring for the computation."""
+
+    def __init__(self, cfg: FFNConfig) -> None:
+        super().__init__()
+        if cfg.kind != "moe":
+            raise ValueError(f"FFNConfig.kind: MoELayer needs kind='moe', got {cfg.kind!r}")
+        self.cfg = cfg
+        self.head = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.head_layer else None
+        self.router = TopKRouter(cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.renormalizes, cfg.jitter)
+        self.experts = Experts(cfg.num_experts, cfg.head_dim, cfg.hidden_dim, cfg.dispatch, cfg.recompute,
+                               cfg.threading)
+        self.merge = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.merge_layer else None
+        self.shared = SwiGLU(cfg.dim, cfg.shared_hidden_dim) if cfg.shared_hidden_dim > 0 else None
+
+    def forward(self, x: torch.Tensor, apply_merge: bool = True) -> tuple[torch.Tensor, MoEAux]:
+        """x: [B, T, D] (or [N, D]) -> (y of the same shape, MoEAux).
+
+        apply_merge=False returns y' before W_merge, for models that place the merge after the residual add.
+        """
+        cfg = self.cfg
+        shape = x.shape
+        tokens = x.reshape(-1, cfg.dim)  # [BT, D]
+        h = self.head(tokens) if self.head is not None else tokens  # eq. (2)
+        sub = rearrange(h, "n (h d) -> (n h) d", h=cfg.heads)  # [N, D/H], sub-tokens of a token adjacent
+        routing = self.router(sub)
+        capacity = None
+        if self.training and cfg.capacity_factor > 0:  # evaluation never drops: outputs stay batch-independent
+            capacity = expert_capacity(routing.indices.numel(), cfg.num_experts, cfg.capacity_factor)
+        y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity)  # eq. (3), [N, D/H]
+        y = rearrange(y_sub, "(n h) d -> n (h d)", h=cfg.heads)  # [BT, D]
+        if self.merge is not None and apply_merge:
+            y = self.merge(y)  # eq. (4)
+        if self.shared is not None:
+            y = y + self.shared(tokens)
+        lb = load_balancing_loss(routing.probs, routing.indices, cfg.num_experts)
+        z = z_loss(routing.logits)
+        aux = MoEAux(
+            loss=cfg.lb_coef * lb + cfg.z_coef * z,
+            lb_loss=lb,
+            z_loss=z,
+            router_entropy=router_entropy(routing.logits).detach(),
+            tokens_per_expert=stats.tokens_per_expert,
+            dropped_fraction=torch.tensor(stats.dropped / max(1, routing.indices.numel()), device=x.device),
+        )
+        return y.reshape(shape), aux

@@ -1,0 +1,1 @@
+"""Training: config, presets, run directory, checkpoints, optimiser, the loop, evaluation."""

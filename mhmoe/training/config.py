@@ -1,0 +1,88 @@
+"""The training configuration: model, data, optimiser and run settings, as typed dataclasses validated at construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mhmoe.configbase import Config
+from mhmoe.data.corpora import DataConfig
+from mhmoe.errors import ConfigError
+from mhmoe.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig(Config):
+    """AdamW with decoupled weight decay and a warmup + decay schedule."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant", "two_stage"] = "cosine"
+    grad_clip: float = 1.0
+    # BitNet b1.58 recipe (two_stage): the cosine until mid-training, then a drop to stage2_lr_ratio * lr and a
+    # second cosine down to min_lr; wd_off_at > 0 sets the weight decay to 0 from that fraction of the steps on.
+    stage2_lr_ratio: float = 0.33
+    wd_off_at: float = 0.0
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"OptimConfig.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"OptimConfig.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("OptimConfig.warmup_steps/weight_decay/grad_clip: must be >= 0 (grad_clip 0 = off)")
+        if self.schedule == "two_stage" and not self.min_lr_ratio <= self.stage2_lr_ratio <= 1:
+            raise ConfigError(f"OptimConfig.stage2_lr_ratio: must be in [min_lr_ratio, 1], got {self.stage2_lr_ratio}")
+        if not 0 <= self.wd_off_at <= 1:
+            raise ConfigError(f"OptimConfig.wd_off_at: must be in [0, 1] (0 = never), got {self.wd_off_at}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Everything a run needs; saved as RUN_DIR/config.json."""
+
+    preset: str = "custom"
+    variant: str = "smoe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch per process
+    seq_len: int = 256
+    tokens_per_step: int = 4096  # global batch; accumulation = tokens_per_step / (batch_size * seq_len * world)
+    seed: int = 1337
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compile: bool = False
+    eval_every: int = 0  # steps between validation-loss points in evals.jsonl (0 = only at the end)
+    eval_tokens: int = 16_384  # tokens per domain for those points
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2  # newest ones kept, besides the 50% and 100% milestones
+    threads: int = 0  # torch.set_num_threads (0 = torch's default)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "tokens_per_step", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"TrainConfig.seq_len: {self.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        if self.tokens_per_step % (self.batch_size * self.seq_len):
+            raise ConfigError(
+                f"TrainConfig.tokens_per_step: {self.tokens_per_step} must be a multiple of batch_size * seq_len "
+                f"({self.batch_size * self.seq_len})"
+            )
+        if self.eval_every < 0 or self.eval_tokens < 0 or self.threads < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("TrainConfig.eval_every/eval_tokens/threads/keep_checkpoints: must be >= 0")
+
+    @property
+    def milestones(self) -> tuple[int, int]:
+        """Steps evaluated by `mhmoe reproduce`: 50% and 100% (the paper's 50k / 100k columns)."""
+        return (max(1, self.steps // 2), self.steps)

@@ -1,0 +1,257 @@
+"""Training end to end on the smoke preset: loss decreases, bit-exact resume (also after SIGKILL), corrupted
+checkpoints, NaN stop, eval, bad inputs with one-line errors, and 2-process DDP = 1 process."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import shared_data_root
+
+from mhmoe.cli import main
+from mhmoe.errors import TrainingError
+from mhmoe.training.checkpoint import list_checkpoints
+from mhmoe.training.evaluate import evaluate_run
+from mhmoe.training.loop import train
+from mhmoe.training.presets import preset
+from mhmoe.training.rundir import load_run_for_eval
+
+ROOT = shared_data_root()
+pytestmark = pytest.mark.skipif(ROOT is None, reason="real corpora not available (set MHMOE_DATA_ROOT)")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(variant="mhmoe-h3", **over):
+    cfg = preset("smoke", variant).replace(threads=1)
+    for k, v in over.items():
+        cfg = cfg.override(k, v)
+    return cfg
+
+
+def _losses(run_dir):
+    return [json.loads(l)["loss"] for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+
+
+def test_loss_decreases_and_run_dir_contents(tmp_path, cache):
+    cfg = _cfg(steps=30)
+    state = train(cfg, tmp_path / "run", ROOT, cache, progress=False)
+    assert state.finished and state.step == 30
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    run = tmp_path / "run"
+    assert (run / "config.json").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    assert any((run / "tb").iterdir())
+    assert [s for s, _ in list_checkpoints(run)] == [15, 20, 30]  # 50% milestone kept + newest two
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("step", "tokens", "loss", "ce", "aux", "lb", "z", "lr", "grad_norm", "tok_per_s",
+                "expert_load_max_over_mean", "tokens_per_expert"):
+        assert key in rec
+    assert len(rec["tokens_per_expert"]) == 1  # one MoE layer in 2 blocks
+    n_assign = cfg.tokens_per_step * cfg.model.moe_ffn.heads * cfg.model.moe_ffn.top_k
+    assert sum(rec["tokens_per_expert"][0]) == n_assign
+    evals = [json.loads(l) for l in (run / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [10, 20, 30] and all("c4" in e for e in evals)
+
+
+def test_resume_is_bit_exact(tmp_path, cache):
+    cfg = _cfg("mhmoe-h2", steps=8, ckpt_every=2)
+    train(cfg, tmp_path / "full", ROOT, cache, progress=False)
+    part = train(cfg, tmp_path / "part", ROOT, cache, progress=False, stop_after=5)
+    assert not part.finished and len(_losses(tmp_path / "part")) == 5
+    train(cfg, tmp_path / "part", ROOT, cache, progress=False)  # resumes from step 4, re-does 5
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")  # exact float equality
+
+
+def test_sigkill_mid_training_then_resume_matches(tmp_path, cache):
+    cfg = _cfg("smoe", steps=14, ckpt_every=1)
+    train(cfg, tmp_path / "ref", ROOT, cache, progress=False)
+    cmd = [sys.executable, "-m", "mhmoe.cli", "train", "--preset", "smoke", "--model", "smoe", "--out",
+           str(tmp_path / "killed"), "--data-root", str(ROOT), "--cache-dir", str(cache), "--no-progress",
+           "--set", "threads=1", "--set", "steps=14", "--set", "ckpt_every=1"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # The killed invocation's training time survives (recorded with each checkpoint, not only at exit).
+    wall_killed = json.loads((tmp_path / "killed" / "train_wall.json").read_text())["wall_s"]
+    assert wall_killed > 0
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "killed" / "train_wall.json").read_text())["wall_s"] > wall_killed
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
+
+
+def test_corrupted_checkpoint_falls_back_with_warning(tmp_path, cache):
+    cfg = _cfg("smoe", steps=6, ckpt_every=2, keep_checkpoints=3)
+    run = tmp_path / "run"
+    train(cfg, run, ROOT, cache, progress=False)
+    latest = list_checkpoints(run)[-1][1]
+    blob = (latest / "model.safetensors").read_bytes()
+    (latest / "model.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.warns(UserWarning, match="step_0000006 is unusable .*model.safetensors does not match"):
+        loaded = load_run_for_eval(run, None, ROOT, cache)
+    assert loaded.step == 4
+    # Training resumes from the previous good checkpoint and re-creates step 6 identically.
+    ref = _losses(run)
+    with pytest.warns(UserWarning, match="falling back to the previous one"):
+        train(cfg, run, ROOT, cache, progress=False)
+    assert _losses(run) == ref
+    assert load_run_for_eval(run, None, ROOT, cache).step == 6
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, cache, monkeypatch):
+    from mhmoe import model as model_mod
+
+    cfg = _cfg("smoe", steps=10, ckpt_every=2)
+    run = tmp_path / "run"
+    real_forward = model_mod.Transformer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, cache=None):
+        out = real_forward(self, idx, targets, cache)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5; .*last good checkpoint \(step 4\) is kept"):
+        train(cfg, run, ROOT, cache, progress=False)
+    assert [s for s, _ in list_checkpoints(run)][-1] == 4
+    assert len(_losses(run)) == 4
+
+
+def test_eval_cli_and_api(tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    train(_cfg("fine-grained", steps=4, ckpt_every=2), run, ROOT, cache, progress=False)
+    res = evaluate_run(run, None, None, 1024, ROOT, cache)
+    assert res["step"] == 4 and set(res["domains"]) == {"redpajama", "wikipedia", "c4"}
+    for r in res["domains"].values():
+        assert r["tokens"] == 1024 and r["docs"] >= 1 and r["ppl"] == pytest.approx(math.exp(r["loss"]))
+    # The same numbers at an earlier step differ, and the CLI prints JSON with them.
+    assert main(["eval", str(run), "--step", "2", "--max-tokens", "1024", "--json", "--data-root", str(ROOT),
+                 "--cache-dir", str(cache)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 2 and out["domains"]["c4"]["loss"] != res["domains"]["c4"]["loss"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "huge", "--model", "smoe"], "--preset: unknown preset 'huge'"),
+        (["train", "--preset", "smoke", "--model", "moe"], "--model: unknown variant 'moe'"),
+        (["train", "--preset", "smoke", "--model", "smoe", "--set", "optim.lrr=1"], "optim.lrr: unknown key"),
+        (["train", "--preset", "smoke", "--model", "smoe", "--set", "steps=ten"], "TrainConfig.steps: expected an integer"),
+        (["train", "--preset", "smoke", "--model", "smoe", "--set", "steps"], "--set: expected key=value"),
+        (["train", "--preset", "smoke", "--model", "smoe", "--set", "model.vocab_size=100"],
+         "model.vocab_size: 100 is smaller than the tokenizer's vocabulary"),
+        (["eval", "/nonexistent/run"], "RUN_DIR: /nonexistent/run is not a directory"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(tmp_path, cache, capsys, argv, message):
+    argv = argv + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])
+    argv += ["--data-root", str(ROOT), "--cache-dir", str(cache)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+
+
+def test_missing_data_root_and_mismatched_run_dir(tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.delenv("MHMOE_DATA_ROOT", raising=False)
+    # No data root: smoke and demo read the embedded sample; a larger preset says where to get the corpora,
+    # before anything is written.
+    assert main(["train", "--preset", "tiny", "--model", "smoe", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'tiny' needs the full corpora" in err and "mhmoe data prepare --preset tiny" in err
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()
+    assert main(["train", "--preset", "smoke", "--model", "smoe", "--out", str(tmp_path / "r"),
+                 "--data-root", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    run = tmp_path / "run"
+    train(_cfg("smoe", steps=2), run, ROOT, cache, progress=False)
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(["train", "--preset", "smoke", "--model", "mhmoe-h2", "--out", str(run), "--data-root", str(ROOT),
+                 "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different config (model.moe_ffn" in err and err.count("\n") == 1
+    assert sorted(p.name for p in run.rglob("*")) == before  # nothing touched
+
+
+def test_ddp_two_processes_match_one(tmp_path, cache):
+    # Same global batch (tokens_per_step): 2 ranks x 4 sequences vs 1 rank x 8 sequences.
+    base = ["--preset", "smoke", "--model", "mhmoe-h2", "--data-root", str(ROOT), "--cache-dir", str(cache),
+            "--no-progress", "--set", "steps=3", "--set", "threads=1", "--set", "tokens_per_step=512",
+            "--set", "model.moe_ffn.lb_coef=0"]  # the balance loss is per rank by design; drop it for equality
+    one = subprocess.run([sys.executable, "-m", "mhmoe.cli", "train", *base, "--set", "batch_size=8",
+                          "--out", str(tmp_path / "one")], env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29500 + os.getpid() % 1000), "-m", "mhmoe.cli", "train", *base,
+                          "--set", "batch_size=4", "--out", str(tmp_path / "two")],
+                         env=_env(), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 3
+    for a, b in zip(l1, l2):
+        assert abs(a - b) < 1e-4 * abs(a)
+
+
+def test_second_process_on_a_run_dir_is_refused_and_a_killed_holder_frees_it(tmp_path, cache, capsys):
+    from conftest import hold_run_lock
+
+    run = tmp_path / "run"
+    holder = hold_run_lock(run, tmp_path / "never")
+    argv = ["train", "--preset", "smoke", "--model", "smoe", "--out", str(run), "--data-root", str(ROOT),
+            "--cache-dir", str(cache), "--no-progress", "--set", "steps=2", "--set", "threads=1"]
+    try:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another process (pid {holder.pid})" in err[0] and "--out" in err[0]
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written by the refused trainer
+    finally:
+        holder.kill()
+        holder.wait()
+    # The OS drops a dead process's flock: no stale lock to clean up by hand.
+    assert main(argv) == 0
+    assert len(_losses(run)) == 2
+
+
+def test_cpu_bf16_detection_from_cpuinfo():
+    from mhmoe.training.device import cpu_has_fast_bf16
+
+    assert not cpu_has_fast_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert cpu_has_fast_bf16("flags\t\t: avx2 avx512f avx512_bf16\n")
+    assert cpu_has_fast_bf16("flags\t\t: avx2 amx_bf16 amx_tile\n")
+    assert cpu_has_fast_bf16("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert not cpu_has_fast_bf16("Features\t: fp asimd\n")
+    assert cpu_has_fast_bf16("")  # cannot tell: no warning
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, cache, monkeypatch, capsys):
+    import mhmoe.training.loop as T
+
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    train(_cfg("smoe", steps=1, dtype="bfloat16"), tmp_path / "run", ROOT, cache, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("dtype=bfloat16 on a CPU without native bf16") == 1 and "--set dtype=float32" in err

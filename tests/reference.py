@@ -1,0 +1,62 @@
+"""Slow, obviously-correct reference of the layer family, for equivalence tests only.
+
+Loops over tokens, heads and chosen experts with plain matmuls on each expert's own weight slice. It reads the
+parameters of a real layer, so the fast path and the reference compute the same function of the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mhmoe.layers.ffn import DenseFFN
+from mhmoe.layers.moe import MoELayer
+
+
+def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def reference_forward(layer: torch.nn.Module, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """y for x: [B, T, D] computed one sub-token and one expert at a time.
+
+    capacity: per-expert slots; an assignment survives when fewer than `capacity` earlier assignments (in
+    sub-token order, then k order) went to the same expert. None = dropless.
+    """
+    if isinstance(layer, DenseFFN):
+        f = layer.ffn
+        return _swiglu(x, f.w1.weight.t(), f.w3.weight.t(), f.w2.weight.t())
+    assert isinstance(layer, MoELayer)
+    cfg, ex, dt = layer.cfg, layer.experts, x.dtype
+    tokens = x.reshape(-1, cfg.dim)
+    head_out = tokens @ layer.head.weight.t() if layer.head is not None else tokens
+
+    # Route every sub-token (router in float32, as the layer does).
+    subs, routes = [], []
+    for t in range(tokens.shape[0]):
+        for j in range(cfg.heads):
+            sub = head_out[t, j * cfg.head_dim : (j + 1) * cfg.head_dim]
+            probs = (sub.float() @ layer.router.weight.float().t()).softmax(-1)
+            w, idx = probs.topk(cfg.top_k)
+            if cfg.renormalizes:  # top_k > 1 under 'auto', as the authors' top-k gate
+                w = w / w.sum()
+            subs.append(sub)
+            routes.append((w, [int(i) for i in idx]))
+
+    used = [0] * cfg.num_experts
+    outs = []
+    for sub, (w, idx) in zip(subs, routes):
+        acc = torch.zeros_like(sub)
+        for k, e in enumerate(idx):
+            used[e] += 1
+            if capacity is not None and used[e] > capacity:
+                continue
+            acc = acc + w[k].to(dt) * _swiglu(sub, ex.w1[e].to(dt), ex.w3[e].to(dt), ex.w2[e].to(dt))
+        outs.append(acc)
+    y = torch.stack(outs).reshape(tokens.shape[0], cfg.dim)  # sub-tokens of a token are adjacent
+    if layer.merge is not None:
+        y = y @ layer.merge.weight.t()
+    if layer.shared is not None:
+        s = layer.shared
+        y = y + _swiglu(tokens, s.w1.weight.t(), s.w3.weight.t(), s.w2.weight.t())
+    return y.reshape(x.shape)

@@ -1,0 +1,40 @@
+"""FFNConfig: validation with one-line errors that name the field, unknown keys, coercion."""
+
+import pytest
+
+from mhmoe import ConfigError, FFNConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dim=30, heads=4), r"FFNConfig\.heads: dim \(30\) must be divisible by heads \(4\)"),
+        (dict(top_k=9, num_experts=8), r"FFNConfig\.top_k: must satisfy 1 <= top_k <= num_experts"),
+        (dict(top_k=0), r"FFNConfig\.top_k"),
+        (dict(hidden_dim=0), r"FFNConfig\.hidden_dim: must be > 0"),
+        (dict(dim=-1), r"FFNConfig\.dim: must be > 0"),
+        (dict(num_experts=0, top_k=0), r"FFNConfig\.num_experts: must be >= 1"),
+        (dict(shared_hidden_dim=-2), r"FFNConfig\.shared_hidden_dim"),
+        (dict(jitter=1.5), r"FFNConfig\.jitter"),
+        (dict(capacity_factor=-1.0), r"FFNConfig\.capacity_factor"),
+        (dict(kind="sparse"), r"FFNConfig\.kind: 'sparse' is not allowed; use one of 'dense', 'moe'"),
+        (dict(dispatch="magic"), r"FFNConfig\.dispatch"),
+        (dict(kind="dense", heads=2), r"FFNConfig\.heads: only applies to kind='moe'"),
+        (dict(top_k="two"), r"FFNConfig\.top_k: expected an integer"),
+        (dict(head_layer="maybe"), r"FFNConfig\.head_layer: expected true/false"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        FFNConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_from_dict_rejects_unknown_keys_and_coerces_strings():
+    with pytest.raises(ConfigError, match=r"num_expert: unknown key for FFNConfig; valid keys: .*num_experts"):
+        FFNConfig.from_dict({"num_expert": 8})
+    cfg = FFNConfig.from_dict({"top_k": "2", "head_layer": "true", "lb_coef": "0.02"})
+    assert cfg.top_k == 2 and cfg.head_layer is True and cfg.lb_coef == 0.02
+    assert FFNConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.override("heads", "3").heads == 3
+
