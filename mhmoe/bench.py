@@ -61,8 +61,7 @@ from mhmoe.complexity import fine_grained, flops_per_token, model_flops_per_toke
 from mhmoe.errors import UserError
 from mhmoe.layers.build import build_ffn
 from mhmoe.layers.config import FFNConfig, MoEAux
-from mhmoe.layers.moe import MoELayer
-from mhmoe.layers.router import load_balancing_loss, router_entropy, z_loss
+from mhmoe.layers.moe import MoELayer, moe_aux
 
 PAPER_LAYERS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
 MODES = ("fwd", "fwd+bwd")
@@ -107,14 +106,9 @@ def naive_forward(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAu
         y = layer.merge(y)
     if layer.shared is not None:
         y = y + layer.shared(tokens)
-    lb = load_balancing_loss(routing.probs, routing.indices, cfg.num_experts)
-    z = z_loss(routing.logits)
-    aux = MoEAux(
-        loss=cfg.lb_coef * lb + cfg.z_coef * z, lb_loss=lb, z_loss=z,
-        router_entropy=router_entropy(routing.logits).detach(),
-        tokens_per_expert=torch.bincount(routing.indices.reshape(-1), minlength=cfg.num_experts),
-        dropped_fraction=torch.zeros((), device=x.device),
-    )
+    counts = torch.bincount(routing.indices.reshape(-1), minlength=cfg.num_experts)
+    sequences = shape[0] if x.dim() == 3 else 1
+    aux = moe_aux(cfg, routing, counts, torch.zeros((), device=x.device), sequences)
     return y.reshape(shape), aux
 
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhmoe.bitnet.modules import BitExperts, BitLinear, BitRouter, ExpertRMSNorm, expert_rows, route_logits
+from mhmoe.bitnet.modules import BitExperts, BitLinear, BitRouter, ExpertRMSNorm, expert_rows, router_args
 from mhmoe.bitnet.quant import dequant, int8_matmul, quantize_act
 from mhmoe.layers.ffn import SwiGLU
 from mhmoe.layers.norm import RMSNorm
-from mhmoe.layers.router import Routing, TopKRouter
+from mhmoe.layers.router import TopKRouter
 
 # ----------------------------------------------------------------------------------------------------------
 # Integer inference modules
@@ -82,19 +82,20 @@ class IntBitExperts(BitExperts):
 
 
 class IntBitRouter(TopKRouter):
-    """Inference twin of BitRouter: int8 gate levels, float32 gamma."""
+    """Inference twin of BitRouter: int8 gate levels, float32 gamma; the routing math is TopKRouter.route."""
 
     def __init__(self, r: TopKRouter, levels: torch.Tensor, scale: torch.Tensor) -> None:
         with torch.device("meta"):
-            super().__init__(r.weight.shape[1], r.num_experts, r.top_k, r.renormalize, r.jitter)
+            super().__init__(*router_args(r))
         del self.weight
+        self.expert_bias = r.expert_bias  # the aux-loss-free bias (a persistent buffer) stays in the state dict
         self.register_buffer("weight_q", levels.to(torch.int8).contiguous(), persistent=False)
         self.register_buffer("weight_scale", scale.float().reshape(1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        qx, sx = quantize_act(x.float())
+    def project(self, x32: torch.Tensor) -> torch.Tensor:  # [N, Din] float32 -> [N, E] float32
+        qx, sx = quantize_act(x32)
         acc = int8_matmul(qx.to(torch.int8), self.weight_q.t(), 1)
-        return route_logits(self, dequant(acc, self.weight_scale, sx))
+        return dequant(acc, self.weight_scale, sx)
 
 
 class IntSwiGLU(nn.Module):

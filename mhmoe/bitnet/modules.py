@@ -54,7 +54,7 @@ from mhmoe.layers.experts import Experts
 from mhmoe.layers.ffn import SwiGLU
 from mhmoe.layers.moe import MoELayer
 from mhmoe.layers.norm import RMSNorm
-from mhmoe.layers.router import Routing, TopKRouter
+from mhmoe.layers.router import TopKRouter
 
 # ----------------------------------------------------------------------------------------------------------
 # Training modules (fake quantisation with straight-through gradients)
@@ -198,23 +198,23 @@ class BitExperts(Experts):
             return torch.cat(outs, dim=0).to(out)
 
 
-def route_logits(router: TopKRouter, logits: torch.Tensor) -> Routing:
-    """Softmax, top-k and optional renormalisation of float32 logits, as TopKRouter does."""
-    probs = logits.softmax(dim=-1)
-    weights, indices = probs.topk(router.top_k, dim=-1)
-    if router.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(indices=indices, weights=weights, probs=probs, logits=logits)
+def router_args(r: TopKRouter) -> tuple:
+    """TopKRouter constructor arguments that rebuild r's settings (scoring, bias, top-k, ...) in a twin."""
+    return (r.weight.shape[1], r.num_experts, r.top_k, r.renormalize, r.jitter, r.scoring,
+            r.expert_bias is not None, r.bias_rate)
 
 
 class BitRouter(TopKRouter):
-    """The router with a ternary gate and 8-bit inputs (ablation only: `router=True` / ModelConfig.bitnet_router)."""
+    """The router with a ternary gate and 8-bit inputs (ablation only: `router=True` / ModelConfig.bitnet_router).
+
+    Only the logits differ: scoring, bias, top-k and renormalisation are TopKRouter.route."""
 
     @classmethod
     def from_router(cls, r: TopKRouter) -> "BitRouter":
+        """The BitNet twin of `r`, sharing its weight Parameter and its aux-loss-free bias (no copy, no draw)."""
         with torch.device("meta"):
-            new = cls(r.weight.shape[1], r.num_experts, r.top_k, r.renormalize, r.jitter)
-        new.weight = r.weight
+            new = cls(*router_args(r))
+        new.weight, new.expert_bias = r.weight, r.expert_bias
         return new
 
     def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,14 +222,10 @@ class BitRouter(TopKRouter):
             levels, gamma = quantize_weight(self.weight)
         return levels.to(torch.int8), gamma
 
-    def forward(self, x: torch.Tensor) -> Routing:  # x: [N, Din]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
-            if self.training and self.jitter > 0:
-                x32 = x32 * torch.empty_like(x32).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            qx, sx = quantize_act(x32)
-            qw, gamma = quantize_weight(self.weight)
-            return route_logits(self, dequant(F.linear(qx, qw), gamma, sx))
+    def project(self, x32: torch.Tensor) -> torch.Tensor:  # [N, Din] float32 -> [N, E] float32, autocast off
+        qx, sx = quantize_act(x32)
+        qw, gamma = quantize_weight(self.weight)
+        return dequant(F.linear(qx, qw), gamma, sx)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from mhmoe.errors import ConfigError
 
 Dispatch = Literal["sorted", "grouped_mm"]
 Renormalize = Literal["auto", "always", "never"]
+Scoring = Literal["softmax", "sigmoid"]
+Balancing = Literal["aux_loss", "bias", "both"]
 Threading = Literal["auto", "intra-op", "inter-expert"]
 
 
@@ -41,6 +43,21 @@ class FFNConfig(Config):
             script passes --moe-normalize-gate-prob-before-dropping to fairseq's top-k gate; the paper's text is
             silent). "always" also renormalises top-1 (weight 1, as Mixtral); "never" keeps raw probabilities
             for every k. Booleans from older configs load as True -> "always", False -> "never".
+            With scoring="sigmoid" the same rule decides whether the top-k sigmoid scores are divided by their
+            sum (DeepSeek-V3: weights = s_topk / sum s_topk): "auto" normalises at top_k > 1 and keeps the raw
+            score s at top_k = 1 (a normalised single score is 1 and the router would learn nothing from the LM
+            loss), "always" normalises at every k; "never" is rejected (sigmoid scores are meant to be normalised).
+        scoring: how router logits become scores. "softmax" (the paper): p = softmax(logits) over the E experts.
+            "sigmoid" (DeepSeek-V3): s_e = sigmoid(logit_e), one independent score per expert; the distribution
+            reported and used by the load-balancing loss (its P_e term) and the router entropy is then the
+            normalised scores s / sum_e s.
+        balancing: how the load is balanced. "aux_loss" (the paper): lb_coef * the Switch/GShard loss is added to
+            the training loss. "bias" (aux-loss-free, DeepSeek-V3): a per-expert bias b (a buffer, not a
+            parameter, kept in checkpoints) is added to the scores for the top-k *selection only* (the combine
+            weights come from the unbiased scores) and moved after every optimizer step by
+            b_e += bias_rate * sign(mean load - load_e) (mhmoe.layers.balancing); the lb loss is still computed
+            and reported but not added. "both": the bias and the aux loss.
+        bias_rate: the bias update step (DeepSeek-V3's gamma); only with balancing "bias" or "both".
         lb_coef: coefficient of the Switch/GShard load-balancing loss.
         z_coef: coefficient of the router z-loss (0 = off).
         jitter: multiplicative input jitter eps for the router in training (0 = off).
@@ -66,6 +83,9 @@ class FFNConfig(Config):
     merge_layer: bool = False
     shared_hidden_dim: int = 0
     renormalize: Renormalize = "auto"
+    scoring: Scoring = "softmax"
+    balancing: Balancing = "aux_loss"
+    bias_rate: float = 1e-3
     lb_coef: float = 0.01
     z_coef: float = 0.0
     jitter: float = 0.0
@@ -85,6 +105,7 @@ class FFNConfig(Config):
             moe_only = {
                 "heads": (self.heads, 1), "head_layer": (self.head_layer, False),
                 "merge_layer": (self.merge_layer, False), "shared_hidden_dim": (self.shared_hidden_dim, 0),
+                "scoring": (self.scoring, "softmax"), "balancing": (self.balancing, "aux_loss"),
             }
             for name, (value, default) in moe_only.items():
                 if value != default:
@@ -110,6 +131,19 @@ class FFNConfig(Config):
             )
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
+        if self.scoring == "sigmoid" and self.renormalize == "never":
+            raise ConfigError(
+                "FFNConfig.renormalize: scoring='sigmoid' normalises its top-k scores (DeepSeek-V3); 'never' applies "
+                "to softmax only; use renormalize='auto' (raw score at top_k=1) or 'always'"
+            )
+        if not self.bias_rate > 0:
+            raise ConfigError(f"FFNConfig.bias_rate: must be > 0, got {self.bias_rate}")
+        if self.balancing == "bias" and self.renormalizes and self.top_k == 1 and self.z_coef == 0:
+            raise ConfigError(
+                f"FFNConfig.balancing: 'bias' with top_k=1 and renormalize={self.renormalize!r} gives every token "
+                "weight 1 and adds no aux loss, so the router would get no gradient; use renormalize='auto' or "
+                "balancing='both'"
+            )
 
     LEGACY = {"renormalize": {True: "always", False: "never"}}  # configs written before it had three modes
 
@@ -119,6 +153,16 @@ class FFNConfig(Config):
         return self.renormalize == "always" or (self.renormalize == "auto" and self.top_k > 1)
 
     @property
+    def uses_bias(self) -> bool:
+        """Whether the router carries the aux-loss-free selection bias (balancing "bias" or "both")."""
+        return self.balancing in ("bias", "both")
+
+    @property
+    def uses_aux_loss(self) -> bool:
+        """Whether lb_coef * the load-balancing loss is added to the training loss (balancing "aux_loss"/"both")."""
+        return self.balancing in ("aux_loss", "both")
+
+    @property
     def head_dim(self) -> int:
         """Width D/h of one sub-token (= D for SMoE)."""
         return self.dim // self.heads
@@ -126,15 +170,23 @@ class FFNConfig(Config):
 
 @dataclass
 class MoEAux:
-    """What a layer reports besides its output; zeros for a dense FFN.
+    """What a layer reports besides its output; zeros for a dense FFN. Every field is a device tensor (no host
+    sync in forward); the routing-health fields are defined in mhmoe.layers.routing_stats and docs/ROUTING.md.
 
     Attributes:
-        loss: lb_coef * lb_loss + z_coef * z_loss (add to the training loss).
-        lb_loss: Switch/GShard load-balancing loss, E * sum_e f_e P_e over all K choices (1.0 when balanced).
+        loss: lb_coef * lb_loss (balancing "aux_loss"/"both") + z_coef * z_loss: add to the training loss.
+        lb_loss: Switch/GShard load-balancing loss, E * sum_e f_e P_e over all K choices (1.0 when balanced);
+            reported under every balancing mode.
         z_loss: mean squared log-sum-exp of router logits.
         router_entropy: mean entropy (nats) of the router distribution per (sub-)token.
         tokens_per_expert: [E] assignments routed to each expert (before any capacity drop).
         dropped_fraction: fraction of assignments dropped by the capacity limit (0 when dropless).
+        load_cv: coefficient of variation std/mean (population std) of tokens_per_expert over the E experts.
+        load_max_mean: max/mean of tokens_per_expert.
+        expert_activation: fraction of the E experts that receive at least one (sub-)token of a sequence,
+            averaged over the batch's sequences (MH-MoE v1, arXiv 2404.15045).
+        subtoken_distinct: MH-MoE: fraction of tokens whose h sub-tokens' top-1 experts are pairwise distinct;
+            NaN for heads = 1 (undefined).
     """
 
     loss: torch.Tensor
@@ -143,8 +195,12 @@ class MoEAux:
     router_entropy: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped_fraction: torch.Tensor
+    load_cv: torch.Tensor
+    load_max_mean: torch.Tensor
+    expert_activation: torch.Tensor
+    subtoken_distinct: torch.Tensor
 
     @staticmethod
     def zeros(device: torch.device | str = "cpu") -> "MoEAux":
         z = torch.zeros((), device=device)
-        return MoEAux(z, z, z, z, torch.zeros(0, dtype=torch.long, device=device), z)
+        return MoEAux(z, z, z, z, torch.zeros(0, dtype=torch.long, device=device), z, z, z, z, z)

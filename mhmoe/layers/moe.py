@@ -7,6 +7,9 @@
     y = y' W_merge                                  eq. (4)  (merge_layer)
     y = y + SharedExpert(x)                         (shared_hidden_dim > 0, applied to the full token)
 
+Besides y, forward returns MoEAux: the aux losses (the lb loss added only under balancing "aux_loss"/"both") and
+the routing statistics of this call (mhmoe.layers.routing_stats), all device tensors.
+
 Shape legend: B batch, T time, D model dim, H heads, N = B*T*H sub-tokens, E experts, K top-k.
 """
 
@@ -19,7 +22,8 @@ from torch import nn
 from mhmoe.layers.config import FFNConfig, MoEAux
 from mhmoe.layers.experts import Experts, expert_capacity
 from mhmoe.layers.ffn import SwiGLU
-from mhmoe.layers.router import TopKRouter, load_balancing_loss, router_entropy, z_loss
+from mhmoe.layers.router import Routing, TopKRouter, load_balancing_loss, probs_entropy, router_entropy, z_loss
+from mhmoe.layers.routing_stats import expert_activation, load_cv, load_max_mean, subtoken_distinct
 
 
 class MoELayer(nn.Module):
@@ -31,7 +35,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"FFNConfig.kind: MoELayer needs kind='moe', got {cfg.kind!r}")
         self.cfg = cfg
         self.head = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.head_layer else None
-        self.router = TopKRouter(cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.renormalizes, cfg.jitter)
+        self.router = TopKRouter(cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.renormalizes, cfg.jitter,
+                                 cfg.scoring, cfg.uses_bias, cfg.bias_rate)
         self.experts = Experts(cfg.num_experts, cfg.head_dim, cfg.hidden_dim, cfg.dispatch, cfg.recompute,
                                cfg.threading)
         self.merge = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.merge_layer else None
@@ -57,14 +62,29 @@ class MoELayer(nn.Module):
             y = self.merge(y)  # eq. (4)
         if self.shared is not None:
             y = y + self.shared(tokens)
-        lb = load_balancing_loss(routing.probs, routing.indices, cfg.num_experts)
-        z = z_loss(routing.logits)
-        aux = MoEAux(
-            loss=cfg.lb_coef * lb + cfg.z_coef * z,
-            lb_loss=lb,
-            z_loss=z,
-            router_entropy=router_entropy(routing.logits).detach(),
-            tokens_per_expert=stats.tokens_per_expert,
-            dropped_fraction=torch.tensor(stats.dropped / max(1, routing.indices.numel()), device=x.device),
-        )
-        return y.reshape(shape), aux
+        sequences = shape[0] if x.dim() == 3 else 1  # an [N, D] input counts as one sequence
+        dropped = torch.tensor(stats.dropped / max(1, routing.indices.numel()), device=x.device)
+        return y.reshape(shape), moe_aux(cfg, routing, stats.tokens_per_expert, dropped, sequences)
+
+
+def moe_aux(cfg: FFNConfig, routing: Routing, tokens_per_expert: torch.Tensor, dropped_fraction: torch.Tensor,
+            sequences: int) -> MoEAux:
+    """The MoEAux of one layer call: losses per `cfg.balancing`, routing statistics of `routing` ([N, K] rows in
+    [B, T, h] order, `sequences` = B); device tensors only."""
+    lb = load_balancing_loss(routing.probs, routing.indices, cfg.num_experts)
+    z = z_loss(routing.logits)
+    # Under balancing="bias" the lb loss is only reported: the aux loss holds just the z-loss.
+    loss = cfg.lb_coef * lb + cfg.z_coef * z if cfg.uses_aux_loss else cfg.z_coef * z
+    entropy = router_entropy(routing.logits) if cfg.scoring == "softmax" else probs_entropy(routing.probs)
+    return MoEAux(
+        loss=loss,
+        lb_loss=lb if cfg.uses_aux_loss else lb.detach(),
+        z_loss=z,
+        router_entropy=entropy.detach(),
+        tokens_per_expert=tokens_per_expert,
+        dropped_fraction=dropped_fraction,
+        load_cv=load_cv(tokens_per_expert),
+        load_max_mean=load_max_mean(tokens_per_expert),
+        expert_activation=expert_activation(routing.indices, sequences, cfg.num_experts),
+        subtoken_distinct=subtoken_distinct(routing.indices, cfg.heads),
+    )

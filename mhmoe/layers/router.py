@@ -1,8 +1,15 @@
-"""Top-k softmax router with load-balancing and z-losses, computed in float32.
+"""Top-k router with softmax or sigmoid scoring, an optional aux-loss-free selection bias, and the router losses,
+computed in float32.
 
-G(x) of eq. (1)/(3): softmax over E experts, then the top-k probabilities are the combine weights, renormalised
-to sum to 1 when `renormalize` is set (FFNConfig.renormalize resolves it per top_k). MH-MoE routes every sub-token
-with this one router.
+G(x) of eq. (1)/(3): scores over E experts, the top-k scores are the combine weights, renormalised to sum to 1
+when `renormalize` is set (FFNConfig.renormalizes resolves it per top_k). MH-MoE routes every sub-token with this
+one router. Beyond the paper (FFNConfig.scoring / balancing, docs/ROUTING.md):
+    scoring="softmax"   p = softmax(logits)                          (the paper; probs = p)
+    scoring="sigmoid"   s = sigmoid(logits), probs = s / sum_e s     (DeepSeek-V3)
+    expert_bias b       top-k chosen on s + b, weights gathered from s (aux-loss-free balancing, DeepSeek-V3);
+                        b moves after each optimizer step (`update_bias`, mhmoe.layers.balancing)
+The routing math lives in `route(logits)`; subclasses (BitNet's BitRouter, IntBitRouter) only compute their
+logits differently (`project`).
 
 Shape legend: N (sub-)tokens, Din router input width (D/h), E experts, K top-k.
 """
@@ -20,20 +27,32 @@ from torch import nn
 class Routing:
     """The router's decision for N (sub-)tokens."""
 
-    indices: torch.Tensor  # [N, K] long, chosen experts (descending probability)
-    weights: torch.Tensor  # [N, K] float32, combine weights
-    probs: torch.Tensor  # [N, E] float32, full softmax
+    indices: torch.Tensor  # [N, K] long, chosen experts, by descending selection score (score + bias, if any)
+    weights: torch.Tensor  # [N, K] float32, combine weights (from the unbiased scores)
+    probs: torch.Tensor  # [N, E] float32, the router distribution: softmax, or sigmoid scores normalised to sum 1
     logits: torch.Tensor  # [N, E] float32
 
 
 class TopKRouter(nn.Module):
-    """Linear gate Din -> E, softmax, top-k; the matmul runs in float32 whatever the activation dtype."""
+    """Linear gate Din -> E, scoring, top-k; the matmul runs in float32 whatever the activation dtype.
 
-    def __init__(self, in_dim: int, num_experts: int, top_k: int, renormalize: bool = False, jitter: float = 0.0):
+    scoring: "softmax" | "sigmoid". bias: carry the aux-loss-free selection bias `expert_bias` [E] (a persistent
+    float32 buffer: in state dicts and checkpoints, never seen by the optimizer), moved by `update_bias` with
+    step `bias_rate`. Without it `expert_bias` is None and the state dict is the paper router's.
+    """
+
+    def __init__(self, in_dim: int, num_experts: int, top_k: int, renormalize: bool = False, jitter: float = 0.0,
+                 scoring: str = "softmax", bias: bool = False, bias_rate: float = 1e-3):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize, self.jitter = num_experts, top_k, renormalize, jitter
+        self.scoring, self.bias_rate = scoring, bias_rate
         self.weight = nn.Parameter(torch.empty(num_experts, in_dim))
         nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if bias else None, persistent=True)
+
+    def project(self, x32: torch.Tensor) -> torch.Tensor:
+        """The gate: float32 x [N, Din] -> logits [N, E]; BitNet's routers override this alone."""
+        return x32 @ self.weight.float().t()  # [N, E]
 
     def forward(self, x: torch.Tensor) -> Routing:  # x: [N, Din]
         # autocast would otherwise run this matmul in bf16 and make near-ties route differently per dtype.
@@ -41,18 +60,45 @@ class TopKRouter(nn.Module):
             x32 = x.float()
             if self.training and self.jitter > 0:
                 x32 = x32 * torch.empty_like(x32).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = x32 @ self.weight.float().t()  # [N, E]
+            return self.route(self.project(x32))
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        """Scoring, (biased) top-k selection and renormalisation of float32 logits [N, E]."""
+        if self.scoring == "softmax":
             probs = logits.softmax(dim=-1)  # [N, E]
-            weights, indices = probs.topk(self.top_k, dim=-1)  # [N, K]
-            if self.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+            scores = probs
+        else:
+            scores = logits.sigmoid()  # [N, E], independent per expert
+            probs = scores / scores.sum(dim=-1, keepdim=True)  # [N, E], the distribution the lb loss sees
+        if self.expert_bias is None:
+            weights, indices = scores.topk(self.top_k, dim=-1)  # [N, K]
+        else:  # the bias steers the choice only: the weights (and their gradient) come from the scores
+            indices = (scores + self.expert_bias.float()).topk(self.top_k, dim=-1).indices  # [N, K]
+            weights = scores.gather(-1, indices)  # [N, K]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(indices=indices, weights=weights, probs=probs, logits=logits)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """b_e += bias_rate * sign(mean_e' load - load_e): load [E], the step's assignments per expert summed over
+        micro-batches and ranks (mhmoe.layers.balancing.update_router_biases). Underloaded experts move up."""
+        if self.expert_bias is None:
+            raise RuntimeError("TopKRouter.update_bias: this router has no bias (FFNConfig.balancing='aux_loss')")
+        load = load.to(self.expert_bias.device, torch.float64)  # exact counts, exact mean comparison
+        self.expert_bias.add_(torch.sign(load.mean() - load).to(self.expert_bias.dtype), alpha=self.bias_rate)
+
+    def extra_repr(self) -> str:
+        bias = f", bias_rate={self.bias_rate}" if self.expert_bias is not None else ""
+        return (f"in_dim={self.weight.shape[1]}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"scoring={self.scoring}{bias}")
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch/GShard auxiliary loss E * sum_e f_e * P_e, f_e counting all K choices; 1.0 when uniform.
 
-    f_e (fraction of the N*K assignments sent to e) carries no gradient; P_e (mean router probability) does.
+    f_e (fraction of the N*K assignments sent to e) carries no gradient; P_e (mean router probability: softmax,
+    or the normalised sigmoid scores) does.
     """
     counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype)  # [E]
     f = counts / indices.numel()
@@ -66,6 +112,11 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def router_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean entropy in nats of the router distribution; log(E) when uniform."""
+    """Mean entropy in nats of the softmax router distribution; log(E) when uniform."""
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
+
+
+def probs_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy in nats of rows of a distribution [N, E] (the normalised sigmoid scores); 0 log 0 = 0."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1).mean()

@@ -12,6 +12,11 @@ Variant grammar: BASE[-MOD...], BASE in {dense, smoe, fine-grained, mhmoe-hN}, M
                                  re-sized by the calculator to the SMoE's FLOPs without those layers (Table 4)
     drophm, drophead, dropmerge  MH-MoE with Table 1's expert sizes and the layers removed, not re-matched, so
                                  it has fewer FLOPs (Table 5, as the paper's numbers imply; docs/REPRODUCTION.md)
+    sigmoid  sigmoid router scores, top-k normalised as DeepSeek-V3 (FFNConfig.scoring; beyond the paper)
+    alf      aux-loss-free balancing: a selection bias moved after each step, no lb loss added
+             (FFNConfig.balancing="bias"; beyond the paper; docs/ROUTING.md)
+The routing suffixes compose with every other one and with each other (`smoe-alf`, `mhmoe-h3-sigmoid-alf`) and
+change neither sizes nor FLOPs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mhmoe.model import ModelConfig
 from mhmoe.training.config import OptimConfig, TrainConfig
 
 PAPER_VARIANTS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
-_MODS = ("shared", "hm", "nohm", "nohead", "nomerge", "drophm", "drophead", "dropmerge")
+_MODS = ("shared", "hm", "nohm", "nohead", "nomerge", "drophm", "drophead", "dropmerge", "sigmoid", "alf")
 _VARIANT = re.compile(r"^(dense|smoe|fine-grained|mhmoe-h([1-9][0-9]*))((?:-(?:" + "|".join(_MODS) + r"))*)$")
 
 
@@ -51,7 +56,7 @@ def variant_ffn(base: Base, variant: str) -> FFNConfig:
         raise ConfigError(
             f"--model: unknown variant {variant!r}; use one of {', '.join(PAPER_VARIANTS)} with optional "
             "suffixes -shared, -hm (smoe/fine-grained/mhmoe-hN-nohm), -nohm/-nohead/-nomerge (re-matched) or "
-            "-drophm/-drophead/-dropmerge (not re-matched) for mhmoe-hN"
+            "-drophm/-drophead/-dropmerge (not re-matched) for mhmoe-hN, -sigmoid and -alf (routing, any MoE)"
         )
     kind, heads, parts = m.group(1), m.group(2), list(filter(None, m.group(3).split("-")))
     mods = set(parts)
@@ -96,6 +101,10 @@ def variant_ffn(base: Base, variant: str) -> FFNConfig:
             cfg = cfg.replace(head_layer=True, merge_layer=True)
     if "shared" in mods:
         cfg = cfg.replace(shared_hidden_dim=base.hidden_dim)
+    if "sigmoid" in mods:
+        cfg = cfg.replace(scoring="sigmoid")
+    if "alf" in mods:
+        cfg = cfg.replace(balancing="bias")
     return cfg
 
 
