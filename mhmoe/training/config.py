@@ -65,9 +65,12 @@ class TrainConfig(Config):
     ckpt_every: int = 100
     keep_checkpoints: int = 2  # newest ones kept, besides the 50% and 100% milestones
     threads: int = 0  # torch.set_num_threads (0 = torch's default)
+    # Routing health (metrics only, no effect on training): an expert that received no token in the last
+    # dead_expert_window steps counts as dead in metrics.jsonl's `dead_experts` (mhmoe.training.routing_health).
+    dead_expert_window: int = 100
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "tokens_per_step", "ckpt_every"):
+        for name in ("steps", "batch_size", "seq_len", "tokens_per_step", "ckpt_every", "dead_expert_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}: must be >= 1, got {getattr(self, name)}")
         if self.seq_len > self.model.max_seq_len:

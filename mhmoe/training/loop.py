@@ -39,6 +39,7 @@ from mhmoe.training.checkpoint import (
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.device import cpu_has_fast_bf16, resolve_device
 from mhmoe.training.optim import build_optimizer, lr_at, weight_decay_at
+from mhmoe.training.routing_health import RoutingMonitor
 from mhmoe.training.rundir import (
     _check_same_config,
     _check_vocab,
@@ -140,10 +141,14 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
     start = 0
     found = latest_good_checkpoint(run_dir)
     if found is not None:
-        start, ckpt = found
-        load_model_weights(model, ckpt)
+        start = found[0]
+    routing = RoutingMonitor(model, cfg, device, start)  # routing (issue 16): health, bias update, dead experts
+    if found is not None:
+        ckpt = found[1]
+        load_model_weights(model, ckpt)  # the routers' aux-loss-free biases included
         state = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        routing.load_state_dict(state.get("routing"))  # routing (issue 16)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -186,7 +191,6 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
             if cfg.optim.wd_off_at > 0:  # group 0 is the decayed one (build_optimizer)
                 optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, cfg)
             sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "lb": 0.0, "z": 0.0, "entropy": 0.0, "dropped": 0.0}
-            loads: list[torch.Tensor] = []
             for micro in range(accum):
                 x, y = sampler.batch(step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -204,10 +208,7 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
                     sums["z"] += a.z_loss.item() / accum / n_moe
                     sums["entropy"] += a.router_entropy.item() / accum / n_moe
                     sums["dropped"] += a.dropped_fraction.item() / accum / n_moe
-                if not loads:
-                    loads = [a.tokens_per_expert.detach().clone() for a in out.aux]
-                else:
-                    loads = [l + a.tokens_per_expert for l, a in zip(loads, out.aux)]
+                routing.add(out.aux)  # routing (issue 16): the step's loads and health, summed on the device
             if world > 1:
                 t = torch.tensor([sums["loss"], sums["ce"]], device=device, dtype=torch.float64)
                 dist.all_reduce(t)
@@ -224,6 +225,7 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            routing.end_step(done)  # routing (issue 16): loads summed over ranks, bias update, dead experts
             last_loss = sums["loss"]
             dt = time.time() - t0
             if rank == 0:
@@ -231,12 +233,12 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
                        "aux": sums["aux"], "lb": sums["lb"], "z": sums["z"], "router_entropy": sums["entropy"],
                        "dropped": sums["dropped"], "lr": lr, "grad_norm": grad_norm,
                        "tok_per_s": cfg.tokens_per_step / max(dt, 1e-9),
-                       "expert_load_max_over_mean": [float(l.max() / l.float().mean()) for l in loads],
-                       "tokens_per_expert": [l.tolist() for l in loads]}
+                       **routing.record()}  # routing (issue 16): per-layer health and loads, one conversion
                 with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
                 for k in ("loss", "ce", "aux", "lb", "z", "router_entropy", "lr", "grad_norm", "tok_per_s"):
                     writer.add_scalar(f"train/{k}", rec[k], done)
+                routing.log_scalars(writer, rec, done)  # routing (issue 16)
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{rec['tok_per_s']:,.0f}", refresh=False)
                 if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
@@ -245,7 +247,7 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
                 if rank == 0:
                     state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
                              "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                             "step": done}
+                             "step": done, "routing": routing.state_dict()}  # routing (issue 16)
                     save_checkpoint(run_dir, done, model, state, config_json)
                     prune(run_dir, cfg.keep_checkpoints, keep)
                     _write_wall(wall_path, wall0 + time.time() - t_start)

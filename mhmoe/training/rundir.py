@@ -99,7 +99,7 @@ def _write_wall(path: Path, seconds: float) -> None:
     atomic_write_text(path, json.dumps({"wall_s": seconds}))
 
 
-RUNTIME_FIELDS = ("threads", "compile", "keep_checkpoints")
+RUNTIME_FIELDS = ("threads", "compile", "keep_checkpoints", "dead_expert_window")
 
 
 def _check_same_config(stored: Path, cfg: TrainConfig) -> None:
