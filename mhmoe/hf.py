@@ -16,8 +16,10 @@ what transformers' callers expect of a causal LM: labels shifted inside (`labels
     aux_loss               sum over MoE layers of the Switch/GShard load-balancing loss (1.0 per layer when
                            balanced), padding excluded; with labels, loss = CE + router_aux_loss_coef * aux_loss
                            + router_z_loss_coef * (sum of router z-losses)
-    router_aux_loss_coef   defaults to the run's moe_ffn.lb_coef (router_z_loss_coef to z_coef), so
-                           `output_router_logits=True` trains the native objective
+    router_aux_loss_coef   defaults to the run's moe_ffn.lb_coef, 0 for an aux-loss-free run (balancing="bias")
+                           (router_z_loss_coef to z_coef), so `output_router_logits=True` trains the native
+                           objective; the aux-loss-free bias itself is applied in routing but only moved by
+                           `mhmoe train` (mhmoe.layers.balancing)
 Everything else of the run (capacity factor, jitter, BitNet) lives in the nested native config and behaves as in
 `mhmoe train`. Shape legend: B batch, T new positions, P cached positions, D model dim, A attention heads,
 Dh = D / A, V vocab, h MH-MoE heads, E experts, K top-k.
@@ -101,7 +103,8 @@ class MHMoEConfig(PretrainedConfig):
         self.num_experts_per_tok = ffn.top_k if moe else 0
         self.num_expert_heads = ffn.heads if moe else 0
         if self.router_aux_loss_coef is None:
-            self.router_aux_loss_coef = ffn.lb_coef if moe else 0.0
+            # Aux-loss-free runs (balancing="bias") train without the lb loss: so does the native objective here.
+            self.router_aux_loss_coef = ffn.lb_coef if moe and ffn.uses_aux_loss else 0.0
         if self.router_z_loss_coef is None:
             self.router_z_loss_coef = ffn.z_coef if moe else 0.0
         super().__post_init__(**kwargs)
