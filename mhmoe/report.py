@@ -1,9 +1,11 @@
 """The report of a reproduction matrix: results.json, tables.md and plots/.
 
 results.json holds one record per (run, milestone, domain), the verdicts with every comparison's paired
-`mean_diff_nats`, `ci95` and `n_seeds` (mhmoe.verdicts), and per run its training health: router entropy as a
-fraction of ln E over training and grad-norm spikes. tables.md prints the paper's tables with ours beside them,
-the FLOPs of every row, each claim's paired intervals, and where a router stayed near uniform.
+`mean_diff_nats`, `ci95` and `n_seeds` (mhmoe.verdicts), per run its training health: router entropy as a
+fraction of ln E over training and grad-norm spikes, and its routing at the milestones with the v1 expert-activation
+claim (mhmoe.routing_report). tables.md prints the paper's tables with ours beside them, the FLOPs of every row,
+each claim's paired intervals, where a router stayed near uniform, and the routing section. Models passed to
+`--models` that are no row of the tables (e.g. smoe-alf) are compared with SMoE in "Every model against SMoE".
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from mhmoe.complexity import model_flops_per_token, model_param_count
 from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import DOMAIN_TITLES, DOMAINS, PAPER, TABLES, Row, run_id
+from mhmoe.routing_report import activation_claim, plot_load_heatmap, read_metrics, routing_section, run_routing
 from mhmoe.verdicts import COLUMNS, Comparison, paper_ppl, verdicts, versus_smoe
 
 SPIKE_FACTOR = 5.0  # a step whose grad norm exceeds this multiple of the run's median counts as a spike
@@ -107,8 +110,10 @@ def _comparison_lines(comps: list[dict[str, Any]]) -> list[str]:
 
 
 def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dict[int, dict],
-                  health: dict[str, dict[str, Any]]) -> str:
-    """tables.md: each table in the paper's layout with ours beside the paper's, FLOPs per row, paired claims."""
+                  health: dict[str, dict[str, Any]], extra: list[Row] | None = None) -> str:
+    """tables.md: each table in the paper's layout with ours beside the paper's, FLOPs per row, paired claims.
+
+    extra: rows of models outside the tables (`--models smoe-alf`), compared with SMoE with the others."""
     lines = [f"# MH-MoE reproduction, preset `{preset}`", "",
              "Validation perplexity (lower is better), mean ± std over seeds; **bold** = best of our rows in that "
              "column. `(paper)` = the published number (12 layers, d=768, 100k steps of 0.5M tokens). Columns "
@@ -168,7 +173,7 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                       "column for this table).", ""]
             for col, cv in v["columns"].items():
                 lines += [f"At {col}: {cv['verdict']}.", ""] + _comparison_lines(cv["comparisons"]) + [""]
-    t1_rows = [r for t in tables for r in TABLES[t][1]]
+    t1_rows = [r for t in tables for r in TABLES[t][1]] + list(extra or [])
     seen: list[Row] = []
     for r in t1_rows:  # one line per model: Table 5's full row is Table 1's h=2
         if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in seen):
@@ -215,8 +220,10 @@ def _health_lines(recs: list[dict], health: dict[str, dict[str, Any]]) -> list[s
     return lines + [""]
 
 
-def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, tables: list[int]) -> list[Path]:
-    """Forest plot (every model's paired difference from SMoE), validation-loss curves, expert-load bars."""
+def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, tables: list[int],
+          extra: list[Row] | None = None) -> list[Path]:
+    """Forest plot (every model's paired difference from SMoE), validation-loss curves, expert-load bars and
+    heatmaps (load per expert over training, per MoE layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,6 +235,7 @@ def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, table
     rows: list[Row] = []
     for t in tables:
         rows += [r for r in TABLES[t][1] if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in rows)]
+    rows += [r for r in extra or [] if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in rows)]
     comps = {col: versus_smoe(recs, col, rows) for col in COLUMNS}
     if any(comps.values()):
         made.append(_forest(plt, comps, plot_dir / "forest.png"))
@@ -273,6 +281,10 @@ def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, table
         made.append(plot_dir / f"load_{rid}.png")
         fig.savefig(made[-1], dpi=90)
         plt.close(fig)
+        heat = plot_load_heatmap(read_metrics(out / "runs" / rid), plot_dir / f"load_heatmap_{rid}.png",
+                                 f"{rid}: tokens per expert / mean, per step")
+        if heat is not None:
+            made.append(heat)
     return made
 
 
@@ -325,12 +337,22 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
         h = run_health(out / "runs" / rid, info["run"].cfg)
         health[rid] = {"variant": info["run"].row.variant + ("-bitnet" if info["run"].row.bitnet else ""),
                        "seed": info["run"].cfg.seed, **h}
-    md = render_tables(recs, tables, preset, verdict, health)
+    extra: list[Row] = []  # --models outside the tables
+    for info in results.values():
+        r = info["run"]
+        if not r.tables and r.row not in extra:
+            extra.append(r.row)
+    md = render_tables(recs, tables, preset, verdict, health, extra)
+    routing = {rid: {"variant": health[rid]["variant"], "seed": info["run"].cfg.seed,
+                     "routing": run_routing(out / "runs" / rid, info["run"].cfg.milestones, info["run"].cfg.steps)}
+               for rid, info in results.items() if info["run"].cfg.model.moe_ffn.kind == "moe"}
+    md += "\n" + "\n".join(routing_section(routing))
     walls = "\n".join(f"| {rid} | {info['wall_s']:.0f} |" for rid, info in results.items())
     md += "\n## Training wall time per run (seconds)\n\n| run | wall s |\n|---|---|\n" + walls + "\n"
     atomic_write_text(out / "tables.md", md)
     atomic_write_text(out / "results.json", json.dumps(
         {"preset": preset, "tables": tables, "records": recs, "runs": health,
-         "verdicts": {f"T{t}": v for t, v in verdict.items()}}, indent=2))
-    plots(results, recs, out, tables)
+         "verdicts": {f"T{t}": v for t, v in verdict.items()},
+         "routing": {"runs": routing, "claim": activation_claim(routing)}}, indent=2))
+    plots(results, recs, out, tables, extra)
     return md

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from mhmoe.errors import ConfigError, UserError
 from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import TABLES, Row, run_id
 from mhmoe.training.config import TrainConfig
@@ -40,26 +41,35 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
     """The unique runs the chosen tables need, identical configurations planned once: every run of seed 0 in
     table order, then every run of seed 1, ..., so that a matrix stopped early already has whole tables.
 
-    models: keep only the rows of these variants (e.g. smoe and mhmoe-h3 for a learning-rate check).
+    models: keep only the rows of these variants (e.g. smoe and mhmoe-h3 for a learning-rate check); a variant
+    that is no row of the tables (e.g. smoe-alf, mhmoe-h3-sigmoid) is planned as an extra model, in no table,
+    after the tables' rows of each seed, and compared with SMoE in the report.
     """
     from mhmoe.training.rundir import resolve_config
 
+    in_tables = {r.variant for t in tables for r in TABLES[t][1]}
+    extra = [Row(m, m) for m in dict.fromkeys(models or []) if m not in in_tables]
     runs: dict[str, PlannedRun] = {}
-    for t in tables:
-        for row in TABLES[t][1]:
-            if models is not None and row.variant not in models:
+    for t, row in [(t, row) for t in tables for row in TABLES[t][1]] + [(None, row) for row in extra]:
+        if models is not None and row.variant not in models:
+            continue
+        for s in range(seeds):
+            rid = run_id(row, s)
+            if rid in runs:
+                runs[rid].tables.append(t)
                 continue
-            for s in range(seeds):
-                rid = run_id(row, s)
-                if rid in runs:
-                    runs[rid].tables.append(t)
-                    continue
+            try:
                 cfg = resolve_config(preset_name, row.variant, list(overrides or [])).replace(seed=SEED_BASE + s)
-                if row.bitnet:  # the b1.58 recipe: higher peak LR, two-stage LR, weight decay off at mid-training
-                    cfg = (cfg.override("model.bitnet", True).override("optim.schedule", "two_stage")
-                           .override("optim.wd_off_at", 0.5)
-                           .override("optim.lr", cfg.optim.lr * BITNET_LR_SCALE))
-                runs[rid] = PlannedRun(rid, row, s, cfg, [t])
+            except ConfigError as e:
+                if t is not None:
+                    raise
+                raise UserError(f"--models: {row.variant!r} is no row of tables "
+                                f"{','.join(map(str, tables))} and no variant of preset {preset_name!r} ({e})") from None
+            if row.bitnet:  # the b1.58 recipe: higher peak LR, two-stage LR, weight decay off at mid-training
+                cfg = (cfg.override("model.bitnet", True).override("optim.schedule", "two_stage")
+                       .override("optim.wd_off_at", 0.5)
+                       .override("optim.lr", cfg.optim.lr * BITNET_LR_SCALE))
+            runs[rid] = PlannedRun(rid, row, s, cfg, [t] if t is not None else [])
     return sorted(runs.values(), key=lambda r: r.seed)  # stable: table order within a seed
 
 
