@@ -54,6 +54,10 @@ def train_parallel(cfg: "TrainConfig", run_dir: str | os.PathLike, data_root: st
 
     t_start = time.time()
     run_dir = Path(run_dir)
+    if cfg.model.moe_ffn.kind == "moe" and cfg.model.moe_ffn.uses_bias:  # routing (issue 16): no bias update here yet
+        raise ConfigError("model.moe_ffn.balancing: 'bias'/'both' needs the bias update of `mhmoe train` "
+                          "(mhmoe.training.loop), which this torchrun loop lacks until the loops merge; use "
+                          "balancing='aux_loss' here")
     par = init_parallel(ep, cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
