@@ -26,6 +26,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mhmoe.errors import UserError
 from mhmoe.verdicts import COLUMNS, paired, summarise
 
@@ -305,11 +307,12 @@ def routing_section(runs: dict[str, dict[str, Any]]) -> list[str]:
 def plot_load_heatmap(recs: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Load per expert over training (tokens / mean tokens per expert), one panel per MoE layer, to `path`
     (PNG); None when the records carry no tokens_per_expert."""
+    # matplotlib only here, as in mhmoe.report.plots: `mhmoe` imports this module at start-up (inspect), and
+    # the backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     recs = [r for r in recs if r.get("tokens_per_expert")]

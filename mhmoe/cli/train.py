@@ -22,7 +22,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (or resume) a language model run")
     p.add_argument("--preset", default=None, help="smoke, demo, tiny, gpu or paper")
     p.add_argument("--model", default=None,
-                   help="dense, smoe, fine-grained, mhmoe-h2, mhmoe-h3 (suffix -shared for a shared expert)")
+                   help="dense, smoe, fine-grained, mhmoe-h2, mhmoe-h3 (suffix -shared for a shared expert, "
+                        "-sigmoid / -alf for sigmoid scoring / aux-loss-free balancing: docs/ROUTING.md)")
     p.add_argument("--out", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=1e-3")
     p.add_argument("--data-root", default=None,

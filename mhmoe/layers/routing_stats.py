@@ -38,9 +38,11 @@ def expert_activation(indices: torch.Tensor, sequences: int, num_experts: int) -
     """Mean over the `sequences` sequences of the fraction of experts hit by at least one of its assignments.
 
     indices: [N, K] with the sub-tokens of sequence b in rows b*N/B .. (b+1)*N/B - 1 (MoELayer's layout: tokens
-    in [B, T] order, the h sub-tokens of a token adjacent). Returns a 0-d float32 tensor.
+    in [B, T] order, the h sub-tokens of a token adjacent). Returns a 0-d float32 tensor; NaN for an empty batch.
     """
     n = indices.shape[0]
+    if n == 0:
+        return torch.full((), float("nan"), device=indices.device)
     if sequences < 1 or n % sequences:
         raise ValueError(f"expert_activation: {n} rows do not split into {sequences} sequences")
     seq = torch.arange(n, device=indices.device) // (n // sequences)  # [N] sequence of each row

@@ -214,6 +214,7 @@ def test_expert_activation_on_a_two_sequence_batch():
     assert expert_activation(idx, 2, 6).item() == pytest.approx((2 / 6 + 4 / 6) / 2)
     with pytest.raises(ValueError, match="do not split into 3 sequences"):
         expert_activation(idx, 3, 6)
+    assert math.isnan(expert_activation(idx[:0], 0, 6).item())  # an empty batch has no activation
 
 
 def test_subtoken_distinct_h2_h3_and_h1():
