@@ -173,7 +173,7 @@ def format_inspect(info: dict[str, Any]) -> str:
             lines.append(f"  {label:<20}" + "".join(f"{_fmt(p[key], digits):>18}" for p in pts.values()))
         c = layer["collapse_step"]
         lines.append(f"  collapse: {'at step ' + str(c) if c is not None else 'none'} (load max/mean >= "
-                     f"{info['collapse_max_mean']:g} = {COLLAPSE_SHARE:g} * E/K for {COLLAPSE_PERSIST} steps)")
+                     f"{info['collapse_max_mean']:.3g} = {COLLAPSE_SHARE:g} * E/K for {COLLAPSE_PERSIST} steps)")
     return "\n".join(lines)
 
 
