@@ -53,10 +53,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"mhmoe.hf needs Hugging Face transformers ({e}); install it: pip install 'mhmoe[hf]'") from None
 
 from mhmoe.data.corpora import EOS
+from mhmoe.data.tokenizer import Tokenizer
 from mhmoe.errors import UserError
 from mhmoe.layers.attention import Attention, apply_rope, rope_tables
 from mhmoe.layers.router import Routing, load_balancing_loss, z_loss
 from mhmoe.model import ModelConfig, Transformer
+from mhmoe.training.rundir import load_checkpoint_model, load_config
 
 EXPORT_INFO = "mhmoe_export.json"
 REMOTE_MODULE = "modeling_mhmoe"
@@ -317,9 +319,6 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     gives the native model's logits.
     Returns a report: source_run, step, out, parameters, bytes of model.safetensors.
     """
-    from mhmoe.training.checkpoint import find_checkpoint, load_model_weights
-    from mhmoe.training.rundir import load_config
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR: {run_dir} is not a directory; pass the --out of a `mhmoe train` run")
@@ -331,12 +330,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file())):
         raise UserError(f"OUT: {out_dir} exists and is not an earlier hf export; choose a new folder")
     cfg = load_config(run_dir)
-    step, ckpt = find_checkpoint(run_dir, step)
-    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
-        native = Transformer(cfg.model)
-    load_model_weights(native, ckpt)
-    from mhmoe.data.tokenizer import Tokenizer
-
+    step, _, native = load_checkpoint_model(run_dir, step)
     tok = Tokenizer.load(run_dir / "tokenizer")
     model = MHMoEForCausalLM.from_native(native.eval(), bos_token_id=tok.eos_id, eos_token_id=tok.eos_id,
                                          pad_token_id=tok.eos_id)

@@ -17,8 +17,11 @@ from typing import Any, Callable
 
 from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import TABLES, Row, run_id
+from mhmoe.training.checkpoint import RunBusy, latest_good_checkpoint, run_lock
 from mhmoe.training.config import TrainConfig
+from mhmoe.training.evaluate import evaluate_run
 from mhmoe.training.loop import train
+from mhmoe.training.rundir import resolve_config
 
 SEED_BASE = 1337
 # Ternary weights move only when an update crosses a rounding threshold, so the b1.58 recipe trains them at a
@@ -42,8 +45,6 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
 
     models: keep only the rows of these variants (e.g. smoe and mhmoe-h3 for a learning-rate check).
     """
-    from mhmoe.training.rundir import resolve_config
-
     runs: dict[str, PlannedRun] = {}
     for t in tables:
         for row in TABLES[t][1]:
@@ -68,8 +69,6 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
 
 
 def _eval_cached(run_dir: Path, step: int, cfg: TrainConfig, data_root, cache_dir) -> dict[str, Any]:  # noqa: ANN001
-    from mhmoe.training.evaluate import evaluate_run
-
     path = run_dir / f"eval_step{step:07d}.json"
     if path.is_file():
         res = json.loads(path.read_text(encoding="utf-8"))
@@ -93,8 +92,6 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
     report_only: train nothing; evaluate and report the runs that have reached their last step.
     workers: how many processes share the matrix (for the ETA only).
     """
-    from mhmoe.training.checkpoint import RunBusy, latest_good_checkpoint, run_lock
-
     results: dict[str, dict[str, Any]] = {}
     durations: list[float] = []
     deferred: list[tuple[int, PlannedRun]] = []
