@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 try:
     from transformers import (
@@ -55,7 +53,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from mhmoe.data.corpora import EOS
 from mhmoe.data.tokenizer import Tokenizer
 from mhmoe.errors import UserError
-from mhmoe.layers.attention import Attention, apply_rope, rope_tables
+from mhmoe.layers.attention import rope_tables
 from mhmoe.layers.router import Routing, load_balancing_loss, z_loss
 from mhmoe.model import ModelConfig, Transformer
 from mhmoe.training.rundir import load_checkpoint_model, load_config
@@ -219,18 +217,13 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
                 mask = (mask & keys) | own  # a padding query sees itself only: no all-masked row, no NaN
 
         hidden: list[torch.Tensor] = []
+        adapter = _CacheAdapter(cache, past) if cache is not None else None
         self._routing = []  # filled by the router hooks, in depth order
         try:
-            for block in net.blocks:  # Block.forward, with the attention below in place of Attention.forward
+            for block in net.blocks:
                 if output_hidden_states:
                     hidden.append(x)
-                x = x + _attention(block.attn, block.attn_norm(x), cos, sin, mask, cache, past)
-                if block.merge_after_residual:
-                    y, _ = block.ffn(block.ffn_norm(x), apply_merge=False)
-                    x = block.ffn.merge(x + y)
-                else:
-                    y, _ = block.ffn(block.ffn_norm(x))
-                    x = x + y
+                x, _ = block(x, cos, sin, adapter, mask)
             routing = self._routing
         finally:
             self._routing = None
@@ -260,18 +253,14 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
         return out
 
 
-def _attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-               cache: Cache | None, past: int) -> torch.Tensor:
-    """Attention.forward with a padding-aware mask and a transformers Cache; x [B, T, D] -> [B, T, D]."""
-    q, k, v = rearrange(attn.qkv(x), "b t (three a d) -> three b a t d", three=3, a=attn.n_heads)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(k, v, attn.layer)  # [B, A, P+T, Dh]
-    if mask is None and past == 0:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.out(rearrange(y, "b a t d -> b t (a d)"))
+class _CacheAdapter:
+    """A transformers `Cache` in the shape the native attention expects (`pos`, `update(layer, k, v)`)."""
+
+    def __init__(self, cache: Cache, past: int) -> None:
+        self.cache, self.pos = cache, past
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, layer)
 
 
 def _router_losses(routing: list[Routing], token_mask: torch.Tensor | None, heads: int,
