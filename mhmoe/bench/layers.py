@@ -1,0 +1,144 @@
+"""`mhmoe bench layers`: every implementation of the five layers, the transformers peer and a GEMM reference,
+checked, then timed in shuffled rounds."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mhmoe.bench.checks import check_against
+from mhmoe.bench.impl import Impl, _run, peak_memory_mb
+from mhmoe.bench.peer import _batched_mm_bytes, _hf_grads_as_ours, _physical_memory, hf_implementations, hf_mixtral_block
+from mhmoe.bench.stats import _median_ratio, paired_frac_of_gemm, timed_rounds
+from mhmoe.bench.variants import layer_variants, naive_forward
+from mhmoe.complexity import flops_per_token
+from mhmoe.ffn import build_ffn
+
+MODES = ("fwd", "fwd+bwd")
+
+
+def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Tensor, g: torch.Tensor,
+                      log: Callable[[str], None]) -> list[Impl]:
+    """Our five layers (+ the requested alternative dispatches), the HF peers and the GEMM reference, each
+    checked against our sorted layer on (x, g) before it is returned."""
+    impls: list[Impl] = []
+    smoe_layer = None
+    for i, (name, cfg) in enumerate(layer_variants(args.dim, args.hidden_dim, args.num_experts).items()):
+        torch.manual_seed(args.seed + i)
+        layer = build_ffn(cfg).to(dtype)
+        flops = flops_per_token(cfg).total * args.tokens
+        if cfg.kind == "dense":
+            impls.append(Impl(name, "dense", flops, layer, layer))
+            continue
+        smoe_layer = layer if name == "smoe" else smoe_layer
+        impls.append(Impl(name, "sorted", flops, layer, layer))
+        if "grouped_mm" in args.impls:
+            try:
+                glayer = build_ffn(cfg.replace(dispatch="grouped_mm")).to(dtype)
+            except ValueError as e:  # grouped_mm's alignment rule
+                log(f"{name}/grouped_mm: skipped ({e})")
+                glayer = None
+        if "grouped_mm" in args.impls and glayer is not None:
+            glayer.load_state_dict(layer.state_dict())
+            check_against(f"{name}/grouped_mm", glayer, glayer, layer, layer, x, g, dtype, lambda d: d)
+            impls.append(Impl(name, "grouped_mm", flops, glayer, glayer))
+        if "naive" in args.impls:
+            naive = lambda t, layer=layer: naive_forward(layer, t)  # noqa: E731
+            check_against(f"{name}/naive", naive, layer, layer, layer, x, g, dtype, lambda d: d)
+            impls.append(Impl(name, "naive", flops, layer, naive))
+        if "intra-op" in args.impls and torch.get_num_threads() > 1:
+            ilayer = build_ffn(cfg.replace(threading="intra-op")).to(dtype)
+            ilayer.load_state_dict(layer.state_dict())
+            check_against(f"{name}/intra-op", ilayer, ilayer, layer, layer, x, g, dtype, lambda d: d)
+            impls.append(Impl(name, "intra-op", flops, ilayer, ilayer))
+    if not args.no_hf and smoe_layer is not None:
+        names = hf_implementations(x.device)
+        if not names:
+            log("transformers is not installed: no hf-* peer (pip install 'mhmoe[hf]')")
+        # The same function is checked in fp32: in bf16 Mixtral's router matmul runs in bf16 and ours in fp32,
+        # so near-ties route differently by design.
+        ref = build_ffn(smoe_layer.cfg.replace(renormalize="always"))  # Mixtral renormalises its top-k weights
+        ref.load_state_dict(smoe_layer.state_dict())
+        flops = flops_per_token(smoe_layer.cfg).total * args.tokens
+        for name in names:
+            need = _batched_mm_bytes(smoe_layer.cfg, args.tokens, dtype) if name == "batched_mm" else 0
+            if need > _physical_memory() / 2:
+                log(f"hf-{name}: skipped (it gathers a weight copy per token: ~{need / 2**30:.0f} GiB for "
+                    f"fwd+bwd at {args.tokens} tokens, over half of this machine's memory)")
+                continue
+            block = hf_mixtral_block(smoe_layer, name)
+            fn = lambda t, block=block: (block(t), None)  # noqa: E731
+            try:
+                block32 = copy.deepcopy(block).float()
+                # A renormalised top-1 weight is p/p = 1: the router gets no gradient through the output.
+                noise = ("router.weight",) if smoe_layer.cfg.top_k == 1 else ()
+                check_against(f"hf-{name}", lambda t, b=block32: (b(t), None), block32, ref, ref, x.float(),
+                              g.float(), torch.float32, _hf_grads_as_ours, ignore=noise)
+            except (RuntimeError, NotImplementedError, KeyError) as e:  # an implementation this device lacks
+                log(f"hf-{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                continue
+            impls.append(Impl(f"hf-{name}", name, flops, block, fn))
+    w = torch.randn(args.dim, args.hidden_dim, generator=torch.Generator().manual_seed(args.seed)).to(dtype)
+    gemm = nn.Module()
+    gemm.w = nn.Parameter(w)
+    impls.append(Impl("gemm", "gemm", 2 * args.tokens * args.dim * args.hidden_dim, gemm,
+                      lambda t, gemm=gemm: (t.reshape(-1, t.shape[-1]) @ gemm.w, None)))
+    return impls
+
+
+def bench_layers(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+    """Time every implementation; returns (records, the GEMM reference rates by 'dtype/mode')."""
+    records: list[dict] = []
+    gemm_rates: dict[str, float] = {}
+    for dname in args.dtypes:
+        dtype = getattr(torch, dname)
+        gen = torch.Generator().manual_seed(args.seed + 100)
+        x = torch.randn(1, args.tokens, args.dim, generator=gen).to(dtype)  # [1, T, D]
+        g = torch.randn(1, args.tokens, args.dim, generator=gen).to(dtype).contiguous()
+        t0 = time.perf_counter()
+        impls = build_layer_impls(args, dtype, x, g, log)
+        g_gemm = torch.randn(args.tokens, args.hidden_dim, generator=gen).to(dtype)
+        grad_of = {im.variant: (g_gemm if im.impl == "gemm" else g) for im in impls}
+        for im in impls:  # warm-up (and memory), untimed
+            for mode in args.modes:
+                _run(im, mode, x, grad_of[im.variant])
+        log(f"[{dname}] checks and warm-up: {time.perf_counter() - t0:.1f} s")
+        peak = {}
+        if not args.no_memory:
+            for im in impls:
+                for mode in args.modes:
+                    peak[(im.variant, im.impl, mode)] = peak_memory_mb(
+                        im.module, lambda im=im, mode=mode: _run(im, mode, x, grad_of[im.variant]))
+        calls = {(m, im.variant, im.impl): (lambda im=im, m=m: _run(im, m, x, grad_of[im.variant]))
+                 for m in args.modes for im in impls}
+        times = timed_rounds(calls, args.rounds, args.seed, log, dname)
+        for mode in args.modes:
+            mult = 3 if mode == "fwd+bwd" else 1
+            gemm_t = times[(mode, "gemm", "gemm")]
+            gemm_flops = next(im.flops_fwd for im in impls if im.impl == "gemm") * mult
+            gemm_rate = gemm_flops / statistics.median(gemm_t) / 1e9
+            gemm_rates[f"{dname}/{mode}"] = gemm_rate
+            smoe_t = times[(mode, "smoe", "sorted")]
+            for im in impls:
+                if im.impl == "gemm":
+                    continue
+                ts = times[(mode, im.variant, im.impl)]
+                med = statistics.median(ts)
+                gflops = im.flops_fwd * mult / med / 1e9
+                sorted_t = times.get((mode, im.variant, "sorted"))
+                records.append({
+                    "variant": im.variant, "impl": im.impl, "dtype": dname, "mode": mode,
+                    "threads": torch.get_num_threads(), "median_ms": med * 1e3, "gflops": gflops,
+                    "frac_of_gemm": paired_frac_of_gemm(im.flops_fwd * mult, ts, gemm_flops, gemm_t),
+                    "peak_mem_mb": peak.get((im.variant, im.impl, mode)),
+                    "ratio_to_smoe": _median_ratio(ts, smoe_t),
+                    "ratio_to_sorted": _median_ratio(ts, sorted_t) if sorted_t else None,
+                    "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
+                })
+    return records, gemm_rates
