@@ -1,8 +1,10 @@
 """`mhmoe bench`: the speed of the layer family and of whole-model training, against the peer users would pick.
 
     mhmoe bench layers [--json] [--tokens 4096] [--dim 768] [--hidden-dim 2048] [--num-experts 8] [--threads 1]
-                       [--rounds 4] [--dtypes float32,bfloat16] [--impls sorted,grouped_mm,naive,intra-op] [--no-hf]
-    mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--rounds 4] [--threads 0] [--compile]
+                       [--dtypes float32,bfloat16] [--impls sorted,grouped_mm,naive,intra-op] [--no-hf]
+                       [--rounds 6] [--target-ci 0.03] [--max-seconds 300] [--device cpu] [--peak-tflops X]
+    mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--threads 0] [--compile]
+                       [--rounds 6] [--target-ci 0.03] [--max-seconds 300] [--device cpu] [--peak-tflops X]
 
 Layers: the paper's five FFNs, FLOPs-matched by the section 2.3 calculator (at d=768: SMoE 8 x 2048 top-1,
 fine-grained 16 x 1024 top-2, MH-MoE h=2 40 x 768 top-2, h=3 96 x 512 top-3, dense SwiGLU 2048), and Hugging
@@ -17,21 +19,31 @@ indexes W[e]) and `intra-op` (threading="intra-op": the expert loop never split 
 --threads > 1, where "auto" runs MH-MoE's ranges of experts concurrently). Every one is checked against `sorted`
 (outputs and all gradients) before timing.
 
-Method (the machines are noisy): everything lives in one process at `--threads` threads; after the checks and one
-warm-up, `--rounds` rounds run every (implementation, mode) once in a fresh random order; we report medians, and
-ratios are medians of per-round ratios. fwd = forward under no_grad; fwd+bwd = forward, then y.backward(g) for a
-contiguous random g with x.requires_grad (dX included), gradients set to None between iterations. GFLOP/s use the
-analytic matmul FLOPs of `mhmoe.complexity` (x3 for fwd+bwd). `frac_of_gemm` compares with one plain
-[T, D] x [D, F] matmul (fwd: 1 matmul; fwd+bwd: its 3) timed in the same rounds: the median over rounds of the
-layer's rate / the GEMM's rate in that round, so a slow stretch of the shared machine hits both alike. It is the
-layer's whole work, head, router and dispatch included, as a fraction of what the machine's GEMM does.
-`peak_mem_mb` is the peak of live tensor memory (parameters included) during one untimed pass, from torch's
-MemTracker.
+Method (the machines are noisy): everything lives in one process at `--threads` threads on `--device`; after the
+checks and one warm-up, rounds run every (implementation, mode) once in a fresh random order. Every comparison is
+formed inside a round, from two timings taken seconds apart, and summarised by the median over rounds with a
+distribution-free 95% interval (stats.py): `ratio_to_smoe` / `ratio_ci`, `ratio_to_sorted` /
+`ratio_to_sorted_ci`, `frac_of_gemm` / `frac_of_gemm_ci`. At least `--rounds` rounds run; more follow in batches
+until every interval lies within +-`--target-ci` of its median or `--max-seconds` of rounds have passed; each
+record says how many rounds it got and whether its intervals met the target (`target_reached`), and the meta
+says so per sampling loop. fwd = forward under no_grad; fwd+bwd = forward, then y.backward(g) for a contiguous
+random g with x.requires_grad (dX included), gradients set to None between iterations. On CUDA each call is
+followed by a synchronize before the clock is read. GFLOP/s use the analytic matmul FLOPs of `mhmoe.complexity`
+(x3 for fwd+bwd); `mfu` divides them by `--peak-tflops` (mfu.py). `frac_of_gemm` compares with one plain
+[T, D] x [D, F] matmul (fwd: 1 matmul; fwd+bwd: its 3) timed in the same rounds: the layer's rate / the GEMM's
+rate in each round, so a slow stretch of the shared machine hits both alike. It is the layer's whole work, head,
+router and dispatch included, as a fraction of what the machine's GEMM does. `peak_mem_mb` is the peak of live
+tensor memory (parameters included) during one untimed pass (device.py).
 
-Train: one optimizer step (forward, backward, AdamW) of the preset's model per variant on random tokens, in
-shuffled rounds like the layers; tokens/s = batch tokens / median step time. `--compile` wraps each model in
-torch.compile (the experts' dispatch stays eager, see `Experts.forward`); `warmup_s` records the untimed warm-up
-steps (two when compiling, one otherwise), which is where the compilation happens.
+Train: one optimizer step (forward, backward, AdamW) of the preset's model per variant on random tokens (bf16
+presets under autocast, as `mhmoe train` runs them), sampled like the layers; tokens/s = batch tokens / median
+step time. `--compile` wraps each model in torch.compile (the experts' dispatch stays eager, see
+`Experts.forward`); `warmup_s` records the untimed warm-up steps (two when compiling, one otherwise), which is
+where the compilation happens.
+
+Files: stats.py (rounds, intervals, sampling), layers.py and train.py (what is timed), variants.py (the layers
+and the naive loop), peer.py (transformers' Mixtral block), checks.py (equal outputs and gradients), impl.py (a
+timed callable), device.py, mfu.py, hardware.py (what ran it), report.py (tables), command.py (the flags).
 
 Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, N = T*H sub-tokens.
 """
@@ -40,14 +52,18 @@ Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, N = T*
 from mhmoe.bench.checks import check_against
 from mhmoe.bench.command import add_cli
 from mhmoe.bench.hardware import MALLOC_ENV, hardware
-from mhmoe.bench.impl import Impl, peak_memory_mb
+from mhmoe.bench.device import peak_memory_mb
+from mhmoe.bench.impl import Impl
 from mhmoe.bench.layers import MODES, bench_layers, build_layer_impls
+from mhmoe.bench.mfu import mfu, peak_tflops, run_throughput
 from mhmoe.bench.peer import hf_implementations, hf_mixtral_block
 from mhmoe.bench.report import format_table
-from mhmoe.bench.stats import paired_frac_of_gemm, timed_rounds
+from mhmoe.bench.stats import (MedianCI, Ratio, median_ci, order_statistic_indices, paired_frac_of_gemm, sample_rounds,
+                               timed_rounds)
 from mhmoe.bench.train import bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants, naive_forward
 
-__all__ = ["MALLOC_ENV", "MODES", "PAPER_LAYERS", "Impl", "add_cli", "bench_layers", "bench_train", "build_layer_impls",
-           "check_against", "format_table", "hardware", "hf_implementations", "hf_mixtral_block", "layer_variants",
-           "naive_forward", "paired_frac_of_gemm", "peak_memory_mb", "timed_rounds"]
+__all__ = ["MALLOC_ENV", "MODES", "PAPER_LAYERS", "Impl", "MedianCI", "Ratio", "add_cli", "bench_layers", "bench_train",
+           "build_layer_impls", "check_against", "format_table", "hardware", "hf_implementations", "hf_mixtral_block",
+           "layer_variants", "median_ci", "mfu", "naive_forward", "order_statistic_indices", "paired_frac_of_gemm",
+           "peak_memory_mb", "peak_tflops", "run_throughput", "sample_rounds", "timed_rounds"]

@@ -10,12 +10,17 @@ import time
 
 import torch
 
+from mhmoe.bench.device import DEVICES, bench_device
 from mhmoe.bench.hardware import _meta
 from mhmoe.bench.layers import MODES, bench_layers
-from mhmoe.bench.report import format_table
+from mhmoe.bench.mfu import peak_tflops
+from mhmoe.bench.report import format_sampling, format_table, format_train_lines
+from mhmoe.bench.stats import LEVEL
 from mhmoe.bench.train import bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants
 from mhmoe.errors import UserError
+
+MAX_SECONDS = 300.0  # of timed rounds per sampling loop: a 1-thread d=768 layer run gets about 15 rounds
 
 
 def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -24,6 +29,28 @@ def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     if bad or not items:
         raise UserError(f"{flag}: expected a comma-separated subset of {', '.join(allowed)}, got {text!r}")
     return items
+
+
+def _number(text: str | None, flag: str, low: float, high: float, example: str) -> float | None:
+    """A float flag read by hand, so that a bad value is our one-line error rather than argparse's usage block."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        bounds = f">= {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
+        raise UserError(f"{flag}: expected a number {bounds} (e.g. {example}), got {text!r}")
+    return value
+
+
+def _sampling_flags(args: argparse.Namespace) -> None:
+    args.target_ci = _number(args.target_ci, "--target-ci", 1e-6, 1.0, "0.03 for +-3%")
+    args.max_seconds = _number(args.max_seconds, "--max-seconds", 0.0, float("inf"), "300; 0 = exactly --rounds")
+    peak = _number(args.peak_tflops, "--peak-tflops", 1e-9, float("inf"), "989 for an H100's dense bf16")
+    args.peak, args.peak_from = peak_tflops(peak)
+    bench_device(args.device)
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -35,6 +62,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.modes = _split(args.modes, MODES, "--modes") if args.what == "layers" else ["train"]
+    _sampling_flags(args)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -45,7 +73,8 @@ def _cli(args: argparse.Namespace) -> int:
         if args.dtypes is None:  # bf16 only where the CPU has it natively: elsewhere one round takes minutes
             from mhmoe.train import cpu_has_fast_bf16
 
-            args.dtypes = "float32,bfloat16" if cpu_has_fast_bf16() else "float32"
+            fast = args.device == "cuda" or cpu_has_fast_bf16()
+            args.dtypes = "float32,bfloat16" if fast else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
         args.impls = _split(args.impls, ("sorted", "grouped_mm", "naive", "intra-op"), "--impls")
         if args.dim % 6:
@@ -56,7 +85,7 @@ def _cli(args: argparse.Namespace) -> int:
             raise UserError(f"--dim/--hidden-dim/--num-experts: {e}") from None
         meta.update(tokens=args.tokens, dim=args.dim, hidden_dim=args.hidden_dim, num_experts=args.num_experts,
                     rounds=args.rounds)
-        records, gemm = bench_layers(args, log)
+        records, gemm, sampling = bench_layers(args, log)
     else:
         from mhmoe.presets import PRESETS
 
@@ -64,7 +93,14 @@ def _cli(args: argparse.Namespace) -> int:
             raise UserError(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         meta.update(preset=args.preset, rounds=args.rounds)
-        records, gemm = bench_train(args, log)
+        records, gemm, sampling = bench_train(args, log)
+    meta.update(
+        device=args.device, min_rounds=args.rounds, target_ci=args.target_ci, max_seconds=args.max_seconds,
+        ci_level=LEVEL, ci_method="median of per-round ratios; distribution-free interval from binomial order "
+        "statistics (mhmoe/bench/stats.py)", sampling=sampling,
+        target_reached=all(s["target_reached"] for s in sampling.values()),
+        peak_tflops=args.peak, peak_tflops_from=args.peak_from,
+    )
     meta["gemm_gflops"] = gemm
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -72,16 +108,16 @@ def _cli(args: argparse.Namespace) -> int:
         print(json.dumps({"meta": meta, "records": records}, indent=1))
         return 0
     for k, v in meta.items():
-        print(f"# {k}: {v}")
+        if k != "sampling":
+            print(f"# {k}: {v}")
+    print(format_sampling(sampling, args.target_ci))
     print()
     for dname in sorted({r["dtype"] for r in records}):
         for mode in args.modes:
             print(format_table(records, dname, mode))
             print()
     if args.what == "train":
-        for r in records:
-            print(f"{r['variant']:<14} {r['tok_per_s']:8.0f} tokens/s  x smoe {r['ratio_to_smoe'] or 0:.2f}  "
-                  f"warm-up {r['warmup_s']:.1f} s")
+        print(format_train_lines(records))
     return 0
 
 
@@ -94,7 +130,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--hidden-dim", type=int, default=2048, help="SMoE expert / dense hidden F (default 2048)")
     lay.add_argument("--num-experts", type=int, default=8, help="SMoE experts (default 8)")
     lay.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest A/B)")
-    lay.add_argument("--rounds", type=int, default=4, help="timed rounds (default 4)")
     lay.add_argument("--dtypes", default=None,
                      help="float32 and/or bfloat16 (default: both where the CPU has native bf16, else float32)")
     lay.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
@@ -105,9 +140,20 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--preset", default="tiny", help="smoke, demo, tiny, gpu or paper sizes (default tiny)")
     tr.add_argument("--variants", default=",".join(PAPER_LAYERS), help="comma-separated model variants")
     tr.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
-    tr.add_argument("--rounds", type=int, default=4, help="timed rounds (default 4)")
     tr.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up time in warmup_s)")
     for q in (lay, tr):
+        q.add_argument("--rounds", type=int, default=6,
+                       help="minimum timed rounds (default 6: the fewest with a 95%% interval for a median)")
+        q.add_argument("--target-ci", default="0.03",
+                       help="sample until every ratio's 95%% interval is within +-this fraction of its median "
+                            "(default 0.03)")
+        q.add_argument("--max-seconds", default=str(MAX_SECONDS),
+                       help=f"time cap on the timed rounds of each sampling loop (default {MAX_SECONDS:g}; "
+                            "0 = exactly --rounds rounds)")
+        q.add_argument("--device", default="cpu", help=f"{' or '.join(DEVICES)} (default cpu)")
+        q.add_argument("--peak-tflops", default=None,
+                       help="the device's peak TFLOP/s for the dtype, for MFU "
+                            "(default: $MHMOE_PEAK_TFLOPS, else no MFU)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
         q.add_argument("--json", action="store_true", help='print {"meta": .., "records": [..]}')

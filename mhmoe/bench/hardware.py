@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_",
+              "MALLOC_ARENA_MAX")
 
 
 def hardware() -> dict[str, str]:
@@ -25,13 +26,15 @@ def hardware() -> dict[str, str]:
         cores = (f"{fields.get('CPU(s)', cores)} CPUs ({fields.get('Core(s) per socket', '?')} cores/socket x "
                  f"{fields.get('Socket(s)', '?')} sockets, {fields.get('Thread(s) per core', '?')} threads/core)")
         flags = fields.get("Flags", "").split()
-        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+        isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+               if f in flags]
         cores += f", {' '.join(isa) or 'no avx2'}"
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     info = {"cpu": model, "cores": cores}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = str(torch.version.cuda)
     return info
 
 

@@ -1,5 +1,4 @@
-"""One timed callable (an implementation of a layer, or the GEMM reference), how a mode runs it, and its peak
-memory."""
+"""One timed callable (an implementation of a layer, or the GEMM reference) and how a mode runs it."""
 
 from __future__ import annotations
 
@@ -39,14 +38,3 @@ def _fwd_bwd(impl: Impl, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _run(impl: Impl, mode: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _fwd(impl, x) if mode == "fwd" else _fwd_bwd(impl, x, g)
 
-
-def peak_memory_mb(module: nn.Module, run: Callable[[], object]) -> float:
-    """Peak live tensor memory (MiB, parameters included) while `run()` executes, via torch's MemTracker."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    tracker.track_external(module)
-    with tracker:
-        run()
-    peak = tracker.get_tracker_snapshot("peak")
-    return max((snap["Total"] for snap in peak.values()), default=0) / 2**20

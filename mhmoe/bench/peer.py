@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -44,20 +42,13 @@ def hf_mixtral_block(smoe: MoELayer, implementation: str) -> nn.Module:
         block.gate.weight.copy_(smoe.router.weight)
         block.experts.gate_up_proj.copy_(torch.cat([ex.w1.transpose(1, 2), ex.w3.transpose(1, 2)], dim=1))
         block.experts.down_proj.copy_(ex.w2.transpose(1, 2))
-    return block.to(ex.w1.dtype)
+    return block.to(device=ex.w1.device, dtype=ex.w1.dtype)
 
 
 def _batched_mm_bytes(cfg: FFNConfig, tokens: int, dtype: torch.dtype) -> int:
     """Memory transformers' batched_mm needs: gate_up_proj[ids] and down_proj[ids] are [S, 3 F D] copies, and
     their gradients as much again."""
     return 2 * tokens * cfg.top_k * 3 * cfg.hidden_dim * cfg.dim * torch.finfo(dtype).bits // 8
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 2**63
 
 
 def _hf_grads_as_ours(gr: dict) -> dict:
