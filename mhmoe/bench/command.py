@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -31,7 +32,7 @@ def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     return items
 
 
-def _number(text: str | None, flag: str, low: float, high: float, example: str) -> float | None:
+def _number(text: str | None, flag: str, ok: Callable[[float], bool], wanted: str) -> float | None:
     """A float flag read by hand, so that a bad value is our one-line error rather than argparse's usage block."""
     if text is None:
         return None
@@ -39,16 +40,18 @@ def _number(text: str | None, flag: str, low: float, high: float, example: str) 
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not low <= value <= high:
-        bounds = f">= {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
-        raise UserError(f"{flag}: expected a number {bounds} (e.g. {example}), got {text!r}")
+    if not ok(value):  # NaN fails every comparison, so a non-number lands here too
+        raise UserError(f"{flag}: expected {wanted}, got {text!r}")
     return value
 
 
 def _sampling_flags(args: argparse.Namespace) -> None:
-    args.target_ci = _number(args.target_ci, "--target-ci", 1e-6, 1.0, "0.03 for +-3%")
-    args.max_seconds = _number(args.max_seconds, "--max-seconds", 0.0, float("inf"), "300; 0 = exactly --rounds")
-    peak = _number(args.peak_tflops, "--peak-tflops", 1e-9, float("inf"), "989 for an H100's dense bf16")
+    args.target_ci = _number(args.target_ci, "--target-ci", lambda v: 0 < v <= 1,
+                             "a fraction in (0, 1], e.g. 0.03 for +-3%")
+    args.max_seconds = _number(args.max_seconds, "--max-seconds", lambda v: 0 <= v < float("inf"),
+                               "seconds >= 0, e.g. 300 (0: exactly --rounds rounds)")
+    peak = _number(args.peak_tflops, "--peak-tflops", lambda v: 0 < v < float("inf"),
+                   "TFLOP/s > 0, e.g. 989 for an H100's dense bf16")
     args.peak, args.peak_from = peak_tflops(peak)
     bench_device(args.device)
 
@@ -59,10 +62,10 @@ def _cli(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if args.threads < 0:
         raise UserError(f"--threads: must be >= 0 (0 = torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.modes = _split(args.modes, MODES, "--modes") if args.what == "layers" else ["train"]
     _sampling_flags(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
