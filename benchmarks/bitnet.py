@@ -45,7 +45,7 @@ from safetensors.torch import save
 from mhmoe.bench import hardware, timed_rounds
 from mhmoe.bitnet.integer import IntBitLinear
 from mhmoe.bitnet.modules import BitLinear
-from mhmoe.export import integer_model, ternary_state
+from mhmoe.bitnet.ternary import integer_model, ternary_state
 from mhmoe.layers.attention import KVCache
 from mhmoe.model import Transformer
 from mhmoe.training.presets import PRESETS

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mhmoe.data.sampler import eval_windows
-from mhmoe.training.evaluate import load_run
+from mhmoe.training.rundir import load_run
 
 
 @torch.no_grad()

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from mhmoe.layers.config import FFNConfig
-
-if TYPE_CHECKING:  # model.py imports ffn.py too; only the annotations need it here
-    from mhmoe.model import ModelConfig
+from mhmoe.model import ModelConfig
 
 
 @dataclass(frozen=True)

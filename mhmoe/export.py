@@ -7,22 +7,12 @@ OUT/ holds
     config.json                 the run's TrainConfig (model.bitnet = true)
     tokenizer/                  the run's tokenizer
     export.json                 source run, step, format version and the sizes (packed vs fp32 / bf16 checkpoint)
-`mhmoe eval OUT` (and every caller of `mhmoe.train.load_run_for_eval`, so `generate` too) detects such a
+`mhmoe eval OUT` (and every caller of `mhmoe.training.rundir.load_run`, so `generate` too) detects such a
 directory and runs the integer model: the weights are unpacked once to int8, activations are quantised per token
-to int8, every projection is an int8 x int8 -> int32 matmul (`mhmoe.bitnet.int8_matmul`), MoE tokens are grouped
+to int8, every projection is an int8 x int8 -> int32 matmul (`mhmoe.bitnet.quant.int8_matmul`), MoE tokens are grouped
 per expert as in training. Its logits equal those of the fake-quant training model (same roundings, exact
 integer sums), so the perplexities agree.
-
-File format "mhmoe-ternary", format_version 1 (safetensors; metadata values are strings):
-    for each ternary weight with parameter name P (blocks.0.attn.qkv.weight, blocks.1.ffn.experts.w1, ...):
-      P.packed   uint8 [ceil(n / 4)], n = numel: the levels in {-1, 0, 1}, row-major in P's shape, 2 bits each:
-                 code = level + 1 (0, 1, 2; code 3 is invalid); element i sits in bits 2*(i%4)..2*(i%4)+1 of byte
-                 i // 4, the first element in the low bits; the last byte is padded with code 1 (level 0)
-      P.scale    float32 [G], gamma = mean|W| of the trained weight: G = 1 per matrix, 3 for the fused qkv
-                 (q, k, v row blocks), E for stacked expert weights (one per expert)
-    every other tensor of the model's state dict, float32, under its own name: embeddings, RMSNorm gains (block
-    norms and BitNet sub-norms), routers, an untied LM head (a tied one is stored once, as embed.weight)
-    metadata: format, format_version, shapes (JSON {P: shape}), step, source_run, packing (the layout above)
+The file format and its reader live in `mhmoe.bitnet.ternary`.
 """
 
 from __future__ import annotations
@@ -35,134 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from mhmoe.bitnet.integer import integerize, ternary_weights
-from mhmoe.errors import CheckpointError, UserError
+from mhmoe.bitnet.ternary import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, is_export_dir, ternary_state
+from mhmoe.errors import UserError
 from mhmoe.fileio import atomic_write_text
-from mhmoe.model import ModelConfig, Transformer
-from mhmoe.training.checkpoint import find_checkpoint, load_model_weights
-
-FORMAT = "mhmoe-ternary"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.ternary.safetensors"
-PACKING = ("2-bit codes level+1 in {0,1,2}, 4 per byte, element i at bits 2*(i%4) of byte i//4 (low bits first), "
-           "row-major, last byte padded with code 1 (level 0)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2-bit packing
-
-
-def pack_ternary(levels: torch.Tensor) -> torch.Tensor:
-    """Levels in {-1, 0, 1} (any shape, any integer or integral float dtype) -> uint8 [ceil(numel / 4)]."""
-    flat = levels.detach().reshape(-1).cpu()
-    if flat.numel() and (flat.abs().max() > 1 or (flat.is_floating_point() and not torch.equal(flat, flat.round()))):
-        raise ValueError("pack_ternary: levels must be in {-1, 0, 1}")
-    codes = (flat.to(torch.int16) + 1).to(torch.uint8)
-    codes = torch.cat([codes, codes.new_ones(-codes.numel() % 4)]).view(-1, 4)  # pad with level 0
-    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
-
-
-def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-    """Inverse of pack_ternary: uint8 [ceil(n / 4)] -> int8 levels of `shape`; ValueError on a bad size or code 3."""
-    n = math.prod(shape)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 3) // 4:
-        raise ValueError(f"unpack_ternary: expected uint8 [{(n + 3) // 4}] for shape {list(shape)}, got "
-                         f"{packed.dtype} {list(packed.shape)}")
-    codes = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).reshape(-1)[:n]
-    if (codes == 3).any():
-        raise ValueError("unpack_ternary: invalid 2-bit code 3 (not a ternary level); the file is corrupted")
-    return (codes.to(torch.int8) - 1).reshape(tuple(shape))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model <-> tensors
-
-
-def ternary_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of the file format above, for a converted (model.cfg.bitnet) fake-quant model."""
-    weights = ternary_weights(model)
-    if not weights:
-        raise ValueError("ternary_state: the model has no BitNet modules (ModelConfig.bitnet is false)")
-    tensors: dict[str, torch.Tensor] = {}
-    shapes = {}
-    for name, (levels, scale) in weights.items():
-        tensors[f"{name}.packed"] = pack_ternary(levels)
-        tensors[f"{name}.scale"] = scale.detach().float().cpu().contiguous()
-        shapes[name] = list(levels.shape)
-    for name, t in model.state_dict().items():
-        if name in weights or (name == "lm_head.weight" and model.cfg.tie_embeddings):
-            continue
-        tensors[name] = t.detach().float().cpu().contiguous()
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "shapes": json.dumps(shapes), "packing": PACKING}
-    return tensors, meta
-
-
-def integer_model(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Transformer:
-    """The integer inference model (CPU, eval mode) of ternary_state's output; CheckpointError if it does not fit."""
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"not an {FORMAT} file (format {meta.get('format')!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(f"{FORMAT} format_version {meta.get('format_version')!r} is not supported by this "
-                              f"mhmoe (reads version {FORMAT_VERSION}); re-export the run with this version")
-    if not model_cfg.bitnet:
-        raise CheckpointError("config.json: model.bitnet is false; a ternary export needs the BitNet config")
-    shapes = json.loads(meta["shapes"])
-    try:
-        weights = {n: (unpack_ternary(tensors[f"{n}.packed"], s), tensors[f"{n}.scale"]) for n, s in shapes.items()}
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"ternary weights unreadable ({e})") from None
-    with torch.random.fork_rng(devices=[]):  # the throw-away initialisation must not move the caller's RNG
-        model = Transformer(model_cfg)
-    try:
-        integerize(model, weights)
-    except KeyError as e:
-        raise CheckpointError(f"the export does not fit config.json ({e.args[0]})") from None
-    packed = {f"{n}.{suffix}" for n in shapes for suffix in ("packed", "scale")}
-    fp = {k: v for k, v in tensors.items() if k not in packed}
-    if model_cfg.tie_embeddings and "embed.weight" in fp:
-        fp["lm_head.weight"] = fp["embed.weight"]
-    missing, unexpected = model.load_state_dict(fp, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"the export does not fit config.json (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]})")
-    return model.eval()
-
-
-def read_ternary(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for corrupt headers
-        raise CheckpointError(f"{path}: cannot be read ({e}); export the run again") from None
-    return tensors, meta
-
-
-def is_export_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is an OUT directory of `mhmoe export`."""
-    return (Path(path) / WEIGHTS_FILE).is_file()
-
-
-def load_exported_run(out_dir: Path, step: int | None = None, data_root: str | None = None,
-                      cache_dir: str | None = None):  # noqa: ANN201 - mhmoe.train.LoadedRun
-    """LoadedRun of an export directory: its integer model on the CPU, float32 around the int8 matmuls."""
-    from mhmoe.data.corpora import resolve_data_root
-    from mhmoe.data.tokenizer import Tokenizer
-    from mhmoe.training.rundir import LoadedRun, default_cache_dir, load_config
-
-    cfg = load_config(out_dir)
-    tensors, meta = read_ternary(out_dir / WEIGHTS_FILE)
-    exported = int(meta.get("step", -1))
-    if step is not None and step != exported:
-        raise CheckpointError(f"--step: {out_dir} is an export of step {exported}; export step {step} to use it")
-    model = integer_model(cfg.model, tensors, meta)
-    tok = Tokenizer.load(out_dir / "tokenizer")
-    return LoadedRun(cfg, model, exported, torch.device("cpu"), torch.float32, tok, resolve_data_root(data_root),
-                     default_cache_dir(cache_dir))
-
+from mhmoe.model import Transformer
+from mhmoe.training.rundir import load_checkpoint_model, load_config
 
 # ----------------------------------------------------------------------------------------------------------
 # Export of a run
@@ -177,8 +46,6 @@ def _bf16_size(model: Transformer) -> int:
 
 def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[str, Any]:
     """Write OUT (see the module docstring) from the run's checkpoint at `step` (default: newest good one)."""
-    from mhmoe.training.rundir import load_config
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR: {run_dir} is not a directory; pass the --out of a `mhmoe train` run")
@@ -190,10 +57,7 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[st
     if not cfg.model.bitnet:
         raise UserError(f"RUN_DIR: {run_dir} is not a BitNet run (model.bitnet is false); only ternary models "
                         "can be packed: train one with --set model.bitnet=true")
-    step, ckpt = find_checkpoint(run_dir, step)
-    with torch.random.fork_rng(devices=[]):
-        model = Transformer(cfg.model)
-    load_model_weights(model, ckpt)
+    step, ckpt, model = load_checkpoint_model(run_dir, step)
     tensors, meta = ternary_state(model)
     meta.update(step=str(step), source_run=str(run_dir.resolve()))
 

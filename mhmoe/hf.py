@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 try:
     from transformers import (
@@ -55,10 +53,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"mhmoe.hf needs Hugging Face transformers ({e}); install it: pip install 'mhmoe[hf]'") from None
 
 from mhmoe.data.corpora import EOS
+from mhmoe.data.tokenizer import Tokenizer
 from mhmoe.errors import UserError
-from mhmoe.layers.attention import Attention, apply_rope, rope_tables
+from mhmoe.layers.attention import rope_tables
 from mhmoe.layers.router import Routing, load_balancing_loss, z_loss
 from mhmoe.model import ModelConfig, Transformer
+from mhmoe.training.rundir import load_checkpoint_model, load_config
 
 EXPORT_INFO = "mhmoe_export.json"
 REMOTE_MODULE = "modeling_mhmoe"
@@ -220,18 +220,13 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
                 mask = (mask & keys) | own  # a padding query sees itself only: no all-masked row, no NaN
 
         hidden: list[torch.Tensor] = []
+        adapter = _CacheAdapter(cache, past) if cache is not None else None
         self._routing = []  # filled by the router hooks, in depth order
         try:
-            for block in net.blocks:  # Block.forward, with the attention below in place of Attention.forward
+            for block in net.blocks:
                 if output_hidden_states:
                     hidden.append(x)
-                x = x + _attention(block.attn, block.attn_norm(x), cos, sin, mask, cache, past)
-                if block.merge_after_residual:
-                    y, _ = block.ffn(block.ffn_norm(x), apply_merge=False)
-                    x = block.ffn.merge(x + y)
-                else:
-                    y, _ = block.ffn(block.ffn_norm(x))
-                    x = x + y
+                x, _ = block(x, cos, sin, adapter, mask)
             routing = self._routing
         finally:
             self._routing = None
@@ -261,18 +256,14 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
         return out
 
 
-def _attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-               cache: Cache | None, past: int) -> torch.Tensor:
-    """Attention.forward with a padding-aware mask and a transformers Cache; x [B, T, D] -> [B, T, D]."""
-    q, k, v = rearrange(attn.qkv(x), "b t (three a d) -> three b a t d", three=3, a=attn.n_heads)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(k, v, attn.layer)  # [B, A, P+T, Dh]
-    if mask is None and past == 0:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.out(rearrange(y, "b a t d -> b t (a d)"))
+class _CacheAdapter:
+    """A transformers `Cache` in the shape the native attention expects (`pos`, `update(layer, k, v)`)."""
+
+    def __init__(self, cache: Cache, past: int) -> None:
+        self.cache, self.pos = cache, past
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, layer)
 
 
 def _router_losses(routing: list[Routing], token_mask: torch.Tensor | None, heads: int,
@@ -320,9 +311,6 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     gives the native model's logits.
     Returns a report: source_run, step, out, parameters, bytes of model.safetensors.
     """
-    from mhmoe.training.checkpoint import find_checkpoint, load_model_weights
-    from mhmoe.training.rundir import load_config
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR: {run_dir} is not a directory; pass the --out of a `mhmoe train` run")
@@ -334,12 +322,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file())):
         raise UserError(f"OUT: {out_dir} exists and is not an earlier hf export; choose a new folder")
     cfg = load_config(run_dir)
-    step, ckpt = find_checkpoint(run_dir, step)
-    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
-        native = Transformer(cfg.model)
-    load_model_weights(native, ckpt)
-    from mhmoe.data.tokenizer import Tokenizer
-
+    step, _, native = load_checkpoint_model(run_dir, step)
     tok = Tokenizer.load(run_dir / "tokenizer")
     model = MHMoEForCausalLM.from_native(native.eval(), bos_token_id=tok.eos_id, eos_token_id=tok.eos_id,
                                          pad_token_id=tok.eos_id)

@@ -97,8 +97,9 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_block(layer)
         self.merge_after_residual = cfg.merge_after_residual and self.is_moe
 
-    def forward(self, x: torch.Tensor, cos, sin, cache: KVCache | None) -> tuple[torch.Tensor, MoEAux]:  # noqa: ANN001
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos, sin, cache: KVCache | None,  # noqa: ANN001
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         if self.merge_after_residual:  # the alternative placement: W_merge applied to (x + y') instead of y'
             y, aux = self.ffn(self.ffn_norm(x), apply_merge=False)
             return self.ffn.merge(x + y), aux

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from mhmoe.complexity import ParityResult, active_param_count, flops_per_token, param_count
-from mhmoe.layers.config import FFNConfig
 
 
 def _fmt(n: float) -> str:
@@ -50,12 +49,3 @@ def format_parity(r: ParityResult) -> str:
         f"head/merge params {'counted' if r.count_head_merge else 'not counted'} in the budget)",
     ]
     return "\n".join(lines)
-
-
-def describe(cfg: FFNConfig) -> str:
-    """One-line summary of a layer config."""
-    if cfg.kind == "dense":
-        return f"dense SwiGLU {cfg.dim}->{cfg.hidden_dim}"
-    extra = "".join([" +head" if cfg.head_layer else "", " +merge" if cfg.merge_layer else "",
-                     f" +shared{cfg.shared_hidden_dim}" if cfg.shared_hidden_dim else ""])
-    return f"h={cfg.heads} E={cfg.num_experts} F={cfg.hidden_dim} top-{cfg.top_k}{extra}"

@@ -18,8 +18,11 @@ from typing import Any, Callable
 from mhmoe.errors import ConfigError, UserError
 from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import TABLES, Row, run_id
+from mhmoe.training.checkpoint import RunBusy, latest_good_checkpoint, run_lock
 from mhmoe.training.config import TrainConfig
+from mhmoe.training.evaluate import evaluate_run
 from mhmoe.training.loop import train
+from mhmoe.training.rundir import resolve_config
 
 SEED_BASE = 1337
 # Ternary weights move only when an update crosses a rounding threshold, so the b1.58 recipe trains them at a
@@ -45,8 +48,6 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
     that is no row of the tables (e.g. smoe-alf, mhmoe-h3-sigmoid) is planned as an extra model, in no table,
     after the tables' rows of each seed, and compared with SMoE in the report.
     """
-    from mhmoe.training.rundir import resolve_config
-
     in_tables = {r.variant for t in tables for r in TABLES[t][1]}
     extra = [Row(m, m) for m in dict.fromkeys(models or []) if m not in in_tables]
     runs: dict[str, PlannedRun] = {}
@@ -78,8 +79,6 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
 
 
 def _eval_cached(run_dir: Path, step: int, cfg: TrainConfig, data_root, cache_dir) -> dict[str, Any]:  # noqa: ANN001
-    from mhmoe.training.evaluate import evaluate_run
-
     path = run_dir / f"eval_step{step:07d}.json"
     if path.is_file():
         res = json.loads(path.read_text(encoding="utf-8"))
@@ -103,8 +102,6 @@ def execute(runs: list[PlannedRun], out: Path, data_root, cache_dir, progress: b
     report_only: train nothing; evaluate and report the runs that have reached their last step.
     workers: how many processes share the matrix (for the ETA only).
     """
-    from mhmoe.training.checkpoint import RunBusy, latest_good_checkpoint, run_lock
-
     results: dict[str, dict[str, Any]] = {}
     durations: list[float] = []
     deferred: list[tuple[int, PlannedRun]] = []

@@ -14,8 +14,8 @@ MALLOC_TUNED = False
 
 def tune_glibc_malloc() -> bool:
     """Keep large tensors out of mmap: glibc hands every allocation over 32 MB to mmap and unmaps it on free,
-    so each MoE step pays 10^4-10^5 page faults re-mapping its whole-batch temporaries (measured in
-    benchmarks/RESULTS.md: MH-MoE h=3 fwd+bwd 1.24x -> 1.13x of SMoE). Same effect as
+    so each MoE step pays page faults re-mapping its whole-batch temporaries (the cost, and what this saves, are
+    in benchmarks/RESULTS.md). Same effect as
     MALLOC_MMAP_MAX_=0 MALLOC_TOP_PAD_=1GiB MALLOC_TRIM_THRESHOLD_=2GiB; skipped if MHMOE_NO_MALLOPT=1 or the
     C library is not glibc. Returns whether it was applied."""
     if os.environ.get("MHMOE_NO_MALLOPT") == "1" or not sys.platform.startswith("linux"):

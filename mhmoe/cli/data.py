@@ -10,11 +10,10 @@ from pathlib import Path
 from mhmoe.data.corpora import CORPORA, source_files
 from mhmoe.data.prepare import prepare_corpus, prepare_gpt2_tokenizer, preset_needs
 from mhmoe.errors import UserError
+from mhmoe.training.rundir import resolve_config
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mhmoe.training.rundir import resolve_config
-
     if not args.data_root:
         raise UserError("--data-root: required; the folder to fill (it becomes your MHMOE_DATA_ROOT)")
     root = Path(args.data_root).expanduser()

@@ -7,8 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
+from mhmoe.bitnet.ternary import FORMAT, FORMAT_VERSION
 from mhmoe.errors import UserError
-from mhmoe.export import FORMAT, FORMAT_VERSION, export_run
+from mhmoe.export import export_run
 
 
 def _cli(args: argparse.Namespace) -> int:

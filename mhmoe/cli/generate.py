@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mhmoe.errors import UserError
 from mhmoe.generate import stream_generation
+from mhmoe.training.rundir import load_run
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
@@ -42,8 +43,6 @@ def _check_lengths(prompt_len: int, max_new_tokens: int, context: int) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mhmoe.training.evaluate import load_run
-
     _check_flags(args)
     loaded = load_run(Path(args.run_dir), args.step, None, None, need_data=False)
     _check_lengths(len(loaded.tokenizer.encode(args.prompt)), args.max_new_tokens, loaded.cfg.model.max_seq_len)

@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from mhmoe import bench, runtime
-from mhmoe.cli import data, export, generate, parity, reproduce, train
+from mhmoe import runtime
+from mhmoe.cli import bench, data, export, generate, parity, reproduce, train
 from mhmoe.cli import eval as evaluate
 from mhmoe.cli import inspect as inspect_run
 from mhmoe.errors import MhmoeError

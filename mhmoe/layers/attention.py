@@ -26,7 +26,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Per-layer key/value tensors for incremental decoding; `pos` = number of cached positions."""
+    """Per-layer key/value tensors for incremental decoding; `pos` = number of cached positions.
+
+    The attention needs only `pos` and `update(layer, k, v)`; another cache (transformers' `Cache`, in mhmoe.hf)
+    plugs in through an adapter with the same two members.
+    """
 
     def __init__(self, n_layers: int) -> None:
         self.k: list[torch.Tensor | None] = [None] * n_layers
@@ -48,14 +52,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]. mask: boolean [B or 1, 1, T, P+T] (True = attend), for padded batches;
+        None = causal over the cached and new positions."""
         T = x.shape[1]
         q, k, v = rearrange(self.qkv(x), "b t (three a d) -> three b a t d", three=3, a=self.n_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, A, P+T, Dh]
-        if past == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new queries sit at positions past..past+T-1 and see every key up to their own position
             mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]

@@ -22,8 +22,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16, AMX or Arm BF16); True when it cannot tell.
 
-    Without it torch's CPU bf16 matmul takes a slow fallback: 0.4 GFLOP/s against 56 in fp32 on the project's
-    AVX2 machine (benchmarks/RESULTS.md), so bf16 there is a trap rather than a speed-up.
+    Without it torch's CPU bf16 matmul takes a slow scalar fallback, two orders of magnitude below fp32 on an
+    AVX2-only CPU (benchmarks/RESULTS.md), so bf16 there is a trap rather than a speed-up.
     cpuinfo: the text of /proc/cpuinfo (read when None).
     """
     text = cpuinfo

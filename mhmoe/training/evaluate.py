@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from mhmoe.data.cache import TokenizedCorpus
 from mhmoe.data.sampler import eval_windows
 from mhmoe.data.textfiles import text_corpus, text_files
-
-if TYPE_CHECKING:
-    from mhmoe.training.rundir import LoadedRun
+from mhmoe.training.rundir import load_run
 
 
 @torch.no_grad()
@@ -32,9 +30,7 @@ def evaluate_corpus(
     """NLL summed in float64 over every predicted token of the windows; returns loss, ppl and counts."""
     was_training = model.training
     model.eval()
-    windows = eval_windows(corpus, seq_len, max_tokens)  # [W, seq_len + 1]
-    if windows.shape[0] == 0:
-        raise ValueError(f"eval corpus {corpus.name!r} has fewer than {seq_len + 1} tokens")
+    windows = eval_windows(corpus, seq_len, max_tokens)  # [W, seq_len + 1], W >= 1 (DataError otherwise)
     nll, count = 0.0, 0
     autocast = (torch.autocast(device_type=torch.device(device).type, dtype=dtype)
                 if dtype != torch.float32 else nullcontext())
@@ -49,18 +45,6 @@ def evaluate_corpus(
     docs = int(np.searchsorted(corpus.doc_offsets, covered, side="left"))
     loss = nll / count
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count, "docs": max(1, min(docs, corpus.num_docs))}
-
-
-def load_run(run_dir: Path, step: int | None = None, data_root: str | None = None, cache_dir: str | None = None,
-             need_data: bool = True) -> LoadedRun:
-    """`load_run_for_eval`, without requiring a usable data root when nothing will be read from it (`eval --text`
-    alone, `generate`): load_run_for_eval resolves the data root eagerly (and refuses presets the embedded sample
-    cannot serve), so the run folder stands in for it; LoadedRun.root is then never read."""
-    from mhmoe.training.rundir import load_run_for_eval
-
-    if not need_data and data_root is None:
-        data_root = str(run_dir)
-    return load_run_for_eval(Path(run_dir), step, data_root, cache_dir)
 
 
 def evaluate_run(run_dir: Path, step: int | None = None, domains: list[str] | None = None,

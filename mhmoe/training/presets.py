@@ -130,7 +130,7 @@ def smoke(variant: str) -> TrainConfig:
 
 def demo(variant: str) -> TrainConfig:
     """A short demo of the whole pipeline, not a measurement: `mhmoe reproduce --preset demo --workers 2` (19
-    runs) takes about 6 minutes on 2 CPU cores. d=96, 4 layers, 4 experts (MH h=3: 44 x 64), 2048-token BPE,
+    runs; its wall time is in the README). d=96, 4 layers, 4 experts (MH h=3: 44 x 64), 2048-token BPE,
     80 steps of 2048 tokens; 8192 evaluation tokens per domain."""
     base = Base(dim=96, n_layers=4, n_heads=4, hidden_dim=256, num_experts=4)
     data = DataConfig(vocab_size=2048, tokenizer_train_bytes=2_000_000, max_train_bytes=4_000_000,
@@ -144,8 +144,8 @@ def demo(variant: str) -> TrainConfig:
 
 def tiny(variant: str) -> TrainConfig:
     """The CPU reproduction scale: the paper's sizes / 4 (d=192, F=512, 8 experts; MH h=2 40x192, h=3 96x128),
-    6 layers, 8192-token BPE, 320 steps of 4096 tokens (1.3M tokens): about 10 minutes per model on 2
-    cores without AVX-512 (2,200 tokens/s measured 2026-12-01; docs/REPRODUCTION.md)."""
+    6 layers, 8192-token BPE, 320 steps of 4096 tokens (1.3M tokens); its speed on 2 CPU cores is recorded in
+    docs/REPRODUCTION.md."""
     base = Base(dim=192, n_layers=6, n_heads=6, hidden_dim=512)
     data = DataConfig(vocab_size=8192, tokenizer_train_bytes=8_000_000, max_eval_tokens=65_536)
     return TrainConfig(
@@ -182,8 +182,8 @@ def cpu(variant: str) -> TrainConfig:
 
 
 def gpu(variant: str) -> TrainConfig:
-    """One GPU, about 5 minutes per model on an H100: the paper's sizes / 2 (d=384, F=1024), 12 layers, GPT-2
-    BPE, bf16, ~0.5B tokens."""
+    """One GPU: the paper's sizes / 2 (d=384, F=1024), 12 layers, GPT-2 BPE, bf16, ~0.5B tokens (its time per
+    model is an estimate until benchmarks/gpu_check.sh has run on a GPU; README)."""
     base = Base(dim=384, n_layers=12, n_heads=6, hidden_dim=1024)
     data = DataConfig(tokenizer="gpt2", max_eval_tokens=1_000_000)
     return TrainConfig(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -11,10 +12,11 @@ from typing import Any
 
 import torch
 
+from mhmoe.bitnet.ternary import WEIGHTS_FILE, integer_model, is_export_dir, read_ternary
 from mhmoe.data.cache import tokenize_corpus
-from mhmoe.data.corpora import resolve_data_root
+from mhmoe.data.corpora import corpus_files, resolve_data_root
 from mhmoe.data.tokenizer import Tokenizer, build_tokenizer
-from mhmoe.errors import ConfigError, UserError
+from mhmoe.errors import CheckpointError, ConfigError, UserError
 from mhmoe.fileio import atomic_write_text
 from mhmoe.model import Transformer
 from mhmoe.training.checkpoint import (
@@ -23,6 +25,7 @@ from mhmoe.training.checkpoint import (
 )
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.device import resolve_device
+from mhmoe.training.presets import preset
 
 
 def default_cache_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -34,10 +37,6 @@ def default_cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, root: Path, cache_dir: Path) -> Tokenizer:
     """The run's tokenizer: RUN_DIR/tokenizer if present, else trained once per settings (cached) and saved there."""
-    import hashlib
-
-    from mhmoe.data.corpora import corpus_files
-
     run_tok = run_dir / "tokenizer"
     if (run_tok / "tokenizer.json").is_file():
         return Tokenizer.load(run_tok)
@@ -158,24 +157,43 @@ def load_config(run_dir: Path) -> TrainConfig:
         raise UserError(f"{path}: {e}") from None
 
 
-def load_run_for_eval(run_dir: Path, step: int | None = None, data_root: str | None = None,
-                      cache_dir: str | None = None) -> LoadedRun:
-    """The run's model at `step` (or its newest good checkpoint), on the run's device, in eval mode; for a
-    `mhmoe export` directory, its integer ternary model on the CPU."""
-    from mhmoe.export import is_export_dir, load_exported_run
-
-    if is_export_dir(run_dir):  # `mhmoe export` output: the packed ternary model on the integer CPU path
-        return load_exported_run(Path(run_dir), step, data_root, cache_dir)
+def load_checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[int, Path, Transformer]:
+    """(step, checkpoint folder, model with its weights) of the run's checkpoint at `step` (default: its newest
+    good one), on the CPU; building the model does not move the caller's RNG."""
     cfg = load_config(run_dir)
     step, ckpt = find_checkpoint(run_dir, step)
-    device = resolve_device(cfg)
-    model = Transformer(cfg.model)
+    with torch.random.fork_rng(devices=[]):
+        model = Transformer(cfg.model)
     load_model_weights(model, ckpt)
-    model.to(device).eval()
-    tok = Tokenizer.load(Path(run_dir) / "tokenizer")
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return LoadedRun(cfg, model, step, device, dtype, tok, resolve_data_root(data_root, cfg.preset),
-                     default_cache_dir(cache_dir))
+    return step, ckpt, model
+
+
+def load_run(run_dir: Path, step: int | None = None, data_root: str | None = None, cache_dir: str | None = None,
+             need_data: bool = True) -> LoadedRun:
+    """The run's model at `step` (or its newest good checkpoint), on the run's device, in eval mode; for a
+    `mhmoe export` directory, its integer ternary model on the CPU (float32 around the int8 matmuls).
+
+    need_data=False (`eval --text` alone, `generate`): nothing will be read from the data root, so a missing one
+    is not an error (the run folder stands in for it; LoadedRun.root is then never read)."""
+    run_dir = Path(run_dir)
+    if not need_data and data_root is None:
+        data_root = str(run_dir)
+    cfg = load_config(run_dir)
+    if is_export_dir(run_dir):
+        tensors, meta = read_ternary(run_dir / WEIGHTS_FILE)
+        exported = int(meta.get("step", -1))
+        if step is not None and step != exported:
+            raise CheckpointError(f"--step: {run_dir} is an export of step {exported}; export step {step} to use it")
+        model, step, device, dtype = integer_model(cfg.model, tensors, meta), exported, torch.device("cpu"), torch.float32
+        root = resolve_data_root(data_root)
+    else:
+        step, _, model = load_checkpoint_model(run_dir, step)
+        device = resolve_device(cfg)
+        model.to(device).eval()
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        root = resolve_data_root(data_root, cfg.preset)
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    return LoadedRun(cfg, model, step, device, dtype, tok, root, default_cache_dir(cache_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,8 +203,6 @@ def load_run_for_eval(run_dir: Path, step: int | None = None, data_root: str | N
 def resolve_config(preset_name: str | None, variant: str | None, overrides: list[str],
                    run_dir: Path | None = None) -> TrainConfig:
     """Preset + variant + `--set a.b=value` overrides; with neither preset nor model, the run's stored config."""
-    from mhmoe.training.presets import preset
-
     if preset_name is None and variant is None:
         if run_dir is not None and (run_dir / "config.json").is_file():
             cfg = load_config(run_dir)

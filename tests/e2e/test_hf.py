@@ -129,7 +129,7 @@ def exported(tmp_path_factory):
 
 
 def test_export_hf_of_a_run_matches_native_model_and_tokenizer(exported, capsys):
-    from mhmoe.training.rundir import load_run_for_eval
+    from mhmoe.training.rundir import load_run
 
     base, report = exported
     out = base / "out"
@@ -138,7 +138,7 @@ def test_export_hf_of_a_run_matches_native_model_and_tokenizer(exported, capsys)
                  "modeling_mhmoe.py"):
         assert (out / name).is_file(), name
     assert json.loads((out / "config.json").read_text())["model_type"] == "mhmoe"
-    loaded = load_run_for_eval(base / "run", None, ROOT, base / "cache")
+    loaded = load_run(base / "run", None, ROOT, base / "cache")
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     text = "First Citizen:\nBefore we proceed any further, hear me speak."
@@ -176,7 +176,7 @@ def test_lm_eval_harness_perplexity_equals_mhmoe_eval(exported, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     from mhmoe.training.evaluate import evaluate_run
-    from mhmoe.training.rundir import load_run_for_eval
+    from mhmoe.training.rundir import load_run
 
     base, _ = exported
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -187,7 +187,7 @@ def test_lm_eval_harness_perplexity_equals_mhmoe_eval(exported, monkeypatch):
     # The same text: mhmoe eval scores tokens 1..n of the corpus, each window seeing its own seq_len tokens; the
     # harness scores a string after a prefix token with disjoint windows of max_length = seq_len. So the string is
     # the decoded tokens 1..n and the prefix is token 0.
-    loaded = load_run_for_eval(base / "run", None, ROOT, base / "cache")
+    loaded = load_run(base / "run", None, ROOT, base / "cache")
     toks = [int(t) for t in loaded.corpus("wikipedia", windows * seq_len).tokens[: windows * seq_len + 1]]
     text = loaded.tokenizer.decode(toks[1:])
     assert loaded.tokenizer.encode(text) == toks[1:]

@@ -9,9 +9,9 @@ from conftest import shared_data_root
 
 from mhmoe import report
 from mhmoe import reproduce as R
-from mhmoe.cli import reproduce as CR
 from mhmoe import verdicts as V
 from mhmoe.cli import main
+from mhmoe.cli import reproduce as CR
 from mhmoe.errors import ConfigError
 from mhmoe.paper_tables import DOMAINS, TABLES, Row
 

@@ -19,7 +19,7 @@ from mhmoe.training.checkpoint import list_checkpoints
 from mhmoe.training.evaluate import evaluate_run
 from mhmoe.training.loop import train
 from mhmoe.training.presets import preset
-from mhmoe.training.rundir import load_run_for_eval
+from mhmoe.training.rundir import load_run
 
 ROOT = shared_data_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="real corpora not available (set MHMOE_DATA_ROOT)")
@@ -109,14 +109,14 @@ def test_corrupted_checkpoint_falls_back_with_warning(tmp_path, cache):
     blob = (latest / "model.safetensors").read_bytes()
     (latest / "model.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated
     with pytest.warns(UserWarning, match="step_0000006 is unusable .*model.safetensors does not match"):
-        loaded = load_run_for_eval(run, None, ROOT, cache)
+        loaded = load_run(run, None, ROOT, cache)
     assert loaded.step == 4
     # Training resumes from the previous good checkpoint and re-creates step 6 identically.
     ref = _losses(run)
     with pytest.warns(UserWarning, match="falling back to the previous one"):
         train(cfg, run, ROOT, cache, progress=False)
     assert _losses(run) == ref
-    assert load_run_for_eval(run, None, ROOT, cache).step == 6
+    assert load_run(run, None, ROOT, cache).step == 6
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, cache, monkeypatch):

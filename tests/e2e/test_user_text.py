@@ -16,7 +16,7 @@ from mhmoe.data.corpora import corpus_files
 from mhmoe.data.readers import read_plain_text
 from mhmoe.generate import StreamDecoder, sample_tokens, stream_generation
 from mhmoe.training.evaluate import evaluate_corpus
-from mhmoe.training.rundir import load_run_for_eval
+from mhmoe.training.rundir import load_run
 
 ROOT = shared_data_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="real corpora not available (set MHMOE_DATA_ROOT)")
@@ -56,7 +56,7 @@ def exported(tmp_path_factory, cache):
 
 @pytest.fixture(scope="module")
 def loaded(run, cache):
-    return load_run_for_eval(run, None, str(ROOT), str(cache))
+    return load_run(run, None, str(ROOT), str(cache))
 
 
 def _expected(loaded, docs, max_tokens=0):
@@ -204,7 +204,7 @@ def test_export_folder_evaluates_and_generates(tmp_path, capsys, exported, cache
     text = _shakespeare(0, 3000)
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     got = _eval_json(capsys, exported, tmp_path / "t.txt", "--max-tokens", "128")["domains"]["text:t.txt"]
-    ints = load_run_for_eval(exported, None, str(ROOT), str(cache))
+    ints = load_run(exported, None, str(ROOT), str(cache))
     assert got == _expected(ints, [text], 128)
     out = _generate(capsys, exported, "--temperature", "0")
     tok = ints.tokenizer

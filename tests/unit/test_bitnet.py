@@ -14,10 +14,7 @@ from mhmoe import ConfigError
 from mhmoe.bitnet.integer import IntBitExperts, IntBitLinear, to_integer
 from mhmoe.bitnet.modules import BitExperts, BitLinear, BitRouter, convert
 from mhmoe.bitnet.quant import dequant, int8_matmul, quantize_act, quantize_weight
-from mhmoe.cli import main
-from mhmoe.data.sampler import eval_windows
-from mhmoe.errors import CheckpointError
-from mhmoe.export import (
+from mhmoe.bitnet.ternary import (
     integer_model,
     is_export_dir,
     pack_ternary,
@@ -25,6 +22,9 @@ from mhmoe.export import (
     ternary_state,
     unpack_ternary,
 )
+from mhmoe.cli import main
+from mhmoe.data.sampler import eval_windows
+from mhmoe.errors import CheckpointError
 from mhmoe.layers.router import TopKRouter
 from mhmoe.model import Transformer
 from mhmoe.training.config import TrainConfig
@@ -32,7 +32,7 @@ from mhmoe.training.evaluate import evaluate_run
 from mhmoe.training.loop import train
 from mhmoe.training.optim import lr_at, weight_decay_at
 from mhmoe.training.presets import Base, model_config, preset
-from mhmoe.training.rundir import load_run_for_eval
+from mhmoe.training.rundir import load_run
 
 BASE = Base(dim=48, n_layers=4, n_heads=4, hidden_dim=128, num_experts=4)
 VARIANTS = ["dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3-shared", "smoe-hm", "mhmoe-h2-nohead"]
@@ -397,8 +397,8 @@ def test_bitnet_smoke_run_trains_exports_and_evaluates(tmp_path, capsys, monkeyp
     sizes = json.loads((out / "export.json").read_text())["bytes"]
     assert sizes["packed"] < sizes["bf16"] < sizes["fp32"]
 
-    fake = load_run_for_eval(run, None, ROOT, cache)
-    ints = load_run_for_eval(out, None, ROOT, cache)
+    fake = load_run(run, None, ROOT, cache)
+    ints = load_run(out, None, ROOT, cache)
     assert ints.step == fake.step == 30 and ints.device.type == "cpu"
     assert any(isinstance(m, IntBitExperts) for m in ints.model.modules())
     windows = eval_windows(fake.corpus("c4", 2048), 64, 2048)[:4]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from mhmoe.data import cache as C
 from mhmoe.data import corpora as D
 from mhmoe.data import documents as Doc
 from mhmoe.data import prepare as P

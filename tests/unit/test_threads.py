@@ -102,9 +102,10 @@ def test_expert_ranges_are_contiguous_cover_every_group_and_balance_rows(sizes, 
     flat = [grp for r in ranges for grp in r]
     assert [e for e, _, _ in flat] == [e for e, n in enumerate(sizes) if n]  # in order, non-empty only, once
     start = 0
-    for e, s, n in flat:
-        assert n == sizes[e] and s == sum(sizes[:e])
+    for e, s, n in flat:  # each group starts where the previous one ended: the rows tile the sorted layout
+        assert n == sizes[e] and s == start
         start = s + n
+    assert start == sum(sizes)
     if not flat:
         assert ranges == [[]]  # nothing to run: one empty range
         return
