@@ -1,4 +1,11 @@
-"""Shared test helpers: the layer variants under test, their construction with large weights, tolerances."""
+"""Shared test helpers: the layer variants under test, their construction with large weights, tolerances; torchrun
+from the tests."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -46,3 +53,94 @@ def _grads(layer, x, out, g):
     return [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun from the tests (gloo on CPU)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# `mhmoe <argv>` with two test hooks set through the environment: MHMOE_TEST_POISON=RANK:N makes that rank's
+# N-th training forward return a NaN loss; MHMOE_TEST_STOP_AFTER=S stops `mhmoe train` after step S.
+_DRIVER = """
+import os, sys
+from functools import partial
+
+poison = os.environ.get("MHMOE_TEST_POISON")
+if poison and int(os.environ.get("RANK", "0")) == int(poison.split(":")[0]):
+    from mhmoe import model as M
+
+    real, calls, at = M.Transformer.forward, [0], int(poison.split(":")[1])
+
+    def forward(self, idx, targets=None, cache=None):
+        out = real(self, idx, targets, cache)
+        if targets is not None and self.training:
+            calls[0] += 1
+            if calls[0] == at:
+                out.loss = out.loss * float("nan")
+        return out
+
+    M.Transformer.forward = forward
+if os.environ.get("MHMOE_TEST_STOP_AFTER"):
+    import mhmoe.cli.train as T
+
+    T.train = partial(T.train, stop_after=int(os.environ["MHMOE_TEST_STOP_AFTER"]))
+from mhmoe.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun_mhmoe(argv: list[str], log_dir: Path, nproc: int = 2, timeout: int = 300,
+                   **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc -m mhmoe.cli ARGV` through the test driver (see _DRIVER; `env` may set
+    its hooks); each rank's stdout/stderr go to LOG_DIR/<run id>/attempt_0/<rank>/ (rank_logs)."""
+    driver = Path(log_dir) / "mhmoe_test_driver.py"
+    driver.parent.mkdir(parents=True, exist_ok=True)
+    driver.write_text(_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "--log-dir", str(log_dir), "--redirects", "3", str(driver)]
+    return subprocess.run(cmd + list(argv), env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def rank_logs(log_dir: Path, name: str = "stderr.log") -> list[str]:
+    """What each rank of the newest `torchrun_mhmoe(argv, log_dir)` run wrote to `name`, in rank order."""
+    runs = sorted(Path(log_dir).glob("*/attempt_0"), key=lambda p: p.stat().st_mtime)
+    files = sorted(runs[-1].glob(f"*/{name}"), key=lambda p: int(p.parent.name))
+    return [f.read_text() for f in files]
+
+
+def ranks_like_torchrun(argv: list[str], log_dir: Path, nproc: int = 2, timeout: int = 300,
+                        **env: str) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each rank of `mhmoe ARGV` (through the test driver) started as torchrun starts them
+    (its environment: MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE, ...) but watched one by one: torchrun's
+    agent sends SIGTERM to the other ranks as soon as one exits, so their own exit codes and last words are lost."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    driver = log_dir / "mhmoe_test_driver.py"
+    driver.write_text(_DRIVER)
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        rank_env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                                  WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", **env)
+        with open(log_dir / f"stdout-{rank}.log", "w") as out, open(log_dir / f"stderr-{rank}.log", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(driver), *argv], env=rank_env, stdout=out, stderr=err))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(code, (log_dir / f"stderr-{rank}.log").read_text()) for rank, code in enumerate(codes)]

@@ -1,5 +1,8 @@
-"""Distributed checkpoints (torch.distributed.checkpoint): saved by any world size, loaded by any other, and
-consolidated into the single-process checkpoint layout for `mhmoe eval` and `mhmoe export`.
+"""Distributed checkpoints (torch.distributed.checkpoint): saved by any world size, loaded by any other (one
+process included, which is how `mhmoe consolidate` turns them into the single-process checkpoint layout).
+
+A checkpoint directory RUN_DIR/dcp/step_N holds DCP's shards and .metadata, trainer.json (the caller's `extra`
+plus the world size and ep degree that wrote it) and rank_R.pt (each rank's own state, e.g. its RNG).
 """
 
 from __future__ import annotations
@@ -13,11 +16,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mhmoe.distributed.expert_parallel import expert_parallel_modules
-from mhmoe.distributed.parallel import Parallel
-from mhmoe.model import Transformer
+from mhmoe.distributed.parallel import Parallel, barrier
+from mhmoe.errors import CheckpointError
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed checkpoints (torch.distributed.checkpoint): any world size in, any world size out
@@ -29,7 +40,6 @@ def _wrap_experts(sd: dict[str, Any], model: nn.Module, par: Parallel, optim: bo
     mods = expert_parallel_modules(model)
     if not mods:
         return sd
-    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     def wrap(t: torch.Tensor) -> torch.Tensor:
         return DTensor.from_local(t, par.mesh, [Replicate(), Shard(0)], run_check=False)
@@ -58,27 +68,29 @@ def _unwrap_experts(sd: dict[str, Any], model: nn.Module, optim: bool) -> dict[s
 
 
 def save_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                     par: Parallel, extra: dict[str, Any] | None = None) -> Path:
-    """Write a DCP checkpoint (every rank its shards; `extra` as trainer.json) atomically into `path`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
+                     par: Parallel, extra: dict[str, Any] | None = None,
+                     rank_state: dict[str, Any] | None = None) -> Path:
+    """Write a DCP checkpoint (every rank its shards and `rank_state`; `extra` as trainer.json) atomically
+    into `path`."""
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}"
     if par.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(par)
+    barrier(par)
     state = {"model": _wrap_experts(get_model_state_dict(model), model, par, optim=False)}
     if optimizer is not None:
         state["optim"] = _wrap_experts(get_optimizer_state_dict(model, optimizer), model, par, optim=True)
     dcp.save(state, checkpoint_id=str(tmp), no_dist=par.world == 1)
+    if rank_state is not None:
+        torch.save(rank_state, tmp / f"rank_{par.rank}.pt")
+    barrier(par)
     if par.rank == 0:
         (tmp / "trainer.json").write_text(json.dumps({**(extra or {}), "world": par.world, "ep": par.ep}, indent=2))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    _barrier(par)
+    barrier(par)
     return path
 
 
@@ -86,16 +98,6 @@ def load_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch
                      par: Parallel | None = None) -> dict[str, Any]:
     """Load a DCP checkpoint written at any world size / ep degree into this topology's model (and optimizer);
     returns its trainer.json. With par None (one process, no process group) the model holds full tensors."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    from mhmoe.errors import CheckpointError
-
     path = Path(path)
     if not (path / ".metadata").is_file() or not (path / "trainer.json").is_file():
         raise CheckpointError(f"{path}: not a complete distributed checkpoint (.metadata / trainer.json missing)")
@@ -112,9 +114,10 @@ def load_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch
     return json.loads((path / "trainer.json").read_text())
 
 
-def _barrier(par: Parallel) -> None:
-    if par.world > 1:
-        dist.barrier()
+def load_rank_state(path: str | os.PathLike, rank: int) -> dict[str, Any] | None:
+    """The `rank_state` rank `rank` saved into checkpoint `path`, or None (another world size, or none saved)."""
+    f = Path(path) / f"rank_{rank}.pt"
+    return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
 
 
 def list_distributed_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -129,30 +132,8 @@ def list_distributed_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def consolidate(run_dir: str | os.PathLike, step: int | None = None) -> Path:
-    """Reshard the DCP checkpoint `step` (default: newest) of a parallel run into one process and write it as a
-    native checkpoint RUN_DIR/checkpoints/step_N (model.safetensors + trainer.pt), which `mhmoe eval`,
-    `mhmoe export` and a 1-process `mhmoe train` (resume) read. Returns the checkpoint directory."""
-    from mhmoe.errors import CheckpointError
-    from mhmoe.training.checkpoint import save_checkpoint
-    from mhmoe.training.optim import build_optimizer
-    from mhmoe.training.rundir import load_config
-
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
-    found = dict(list_distributed_checkpoints(run_dir))
-    if not found:
-        raise CheckpointError(f"RUN_DIR: {run_dir} has no distributed checkpoint (dcp/step_N); train it first")
-    if step is None:
-        step = max(found)
-    if step not in found:
-        raise CheckpointError(f"--step: no distributed checkpoint at step {step} in {run_dir}; available: {sorted(found)}")
-    with torch.random.fork_rng(devices=[]):
-        model = Transformer(cfg.model)
-    optimizer = build_optimizer(model, cfg.optim)
-    info = load_distributed(found[step], model, optimizer)
-    for g in optimizer.param_groups:  # the parallel run steps per parameter (mixed DTensors); train.py uses foreach
-        g["foreach"] = True
-    state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_cuda": None, "step": step,
-             "source": {"dcp": str(found[step]), "world": info.get("world"), "ep": info.get("ep")}}
-    return save_checkpoint(run_dir, step, model, state, cfg.to_json())
+def prune_distributed(run_dir: Path, keep_last: int, keep_steps: set[int]) -> None:
+    """Delete old DCP checkpoints except the newest max(1, keep_last) (the one to resume from) and `keep_steps`."""
+    for step, d in list_distributed_checkpoints(run_dir)[:-max(1, keep_last)]:
+        if step not in keep_steps:
+            shutil.rmtree(d, ignore_errors=True)

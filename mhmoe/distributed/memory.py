@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mhmoe.complexity import model_param_count, param_count
 from mhmoe.distributed.parallel import DPMode
 from mhmoe.layers.config import FFNConfig
 from mhmoe.model import ModelConfig
@@ -45,8 +46,6 @@ def memory_per_gpu(cfg: ModelConfig, world: int, ep: int = 1, mode: DPMode = "fs
     """Model states per GPU for W = world GPUs in a (W/ep x ep) grid: fp32 parameters and gradients and AdamW's two
     fp32 moments by default (bf16 autocast keeps fp32 master weights). Dense parameters: all on each GPU (DDP) or
     1/W (FSDP); expert parameters: 1/ep with expert parallelism, else like the dense ones."""
-    from mhmoe.complexity import model_param_count, param_count
-
     if ep < 1 or world % ep:
         raise ValueError(f"ep ({ep}) must divide world ({world})")
     total = model_param_count(cfg)["total"]
@@ -67,21 +66,19 @@ def memory_per_gpu(cfg: ModelConfig, world: int, ep: int = 1, mode: DPMode = "fs
     return MemoryEstimate(n, n * param_bytes, n * grad_bytes, n * optim_bytes, gather)
 
 
-def memory_table(preset_name: str = "paper", variants: tuple[str, ...] = ("smoe", "mhmoe-h2", "mhmoe-h3"),
-                 layouts: tuple[tuple[str, int, int, DPMode], ...] | None = None) -> str:
-    """Markdown table of memory_per_gpu (GiB) for the preset's variants over typical layouts."""
-    from mhmoe.complexity import model_param_count
-    from mhmoe.training.presets import preset
+DEFAULT_LAYOUTS: tuple[tuple[str, int, int, DPMode], ...] = (
+    ("1 GPU", 1, 1, "ddp"), ("1 node, DDP x8", 8, 1, "ddp"), ("1 node, FSDP x8", 8, 1, "fsdp"),
+    ("1 node, FSDP x8 + EP 8", 8, 8, "fsdp"), ("2 nodes, FSDP x16 + EP 8", 16, 8, "fsdp"),
+)
 
-    layouts = layouts or (
-        ("1 GPU", 1, 1, "ddp"), ("1 node, DDP x8", 8, 1, "ddp"), ("1 node, FSDP x8", 8, 1, "fsdp"),
-        ("1 node, FSDP x8 + EP 8", 8, 8, "fsdp"), ("2 nodes, FSDP x16 + EP 8", 16, 8, "fsdp"),
-    )
+
+def memory_table(models: dict[str, ModelConfig],
+                 layouts: tuple[tuple[str, int, int, DPMode], ...] = DEFAULT_LAYOUTS) -> str:
+    """Markdown table of memory_per_gpu (GiB), one row per named model, one column per (name, world, ep, mode)."""
     gib = 2 ** 30
     lines = ["| model | params | " + " | ".join(name for name, *_ in layouts) + " |",
              "|---|---:|" + "---:|" * len(layouts)]
-    for v in variants:
-        cfg = preset(preset_name, v).model
+    for name, cfg in models.items():
         cells = [f"{memory_per_gpu(cfg, w, e, m).total_bytes / gib:.2f}" for _, w, e, m in layouts]
-        lines.append(f"| {v} | {model_param_count(cfg)['total'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {model_param_count(cfg)['total'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
     return "\n".join(lines)

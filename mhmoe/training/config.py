@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,7 +54,7 @@ class TrainConfig(Config):
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch per process
+    batch_size: int = 16  # sequences per micro-batch per process (the most; see micro_batches)
     seq_len: int = 256
     tokens_per_step: int = 4096  # global batch; accumulation = tokens_per_step / (batch_size * seq_len * world)
     seed: int = 1337
@@ -80,7 +81,8 @@ class TrainConfig(Config):
         if self.tokens_per_step % (self.batch_size * self.seq_len):
             raise ConfigError(
                 f"TrainConfig.tokens_per_step: {self.tokens_per_step} must be a multiple of batch_size * seq_len "
-                f"({self.batch_size * self.seq_len})"
+                f"({self.batch_size * self.seq_len}); use --set tokens_per_step="
+                f"{_multiple_near(self.tokens_per_step, self.batch_size * self.seq_len)}"
             )
         if self.eval_every < 0 or self.eval_tokens < 0 or self.threads < 0 or self.keep_checkpoints < 0:
             raise ConfigError("TrainConfig.eval_every/eval_tokens/threads/keep_checkpoints: must be >= 0")
@@ -89,3 +91,35 @@ class TrainConfig(Config):
     def milestones(self) -> tuple[int, int]:
         """Steps evaluated by `mhmoe reproduce`: 50% and 100% (the paper's 50k / 100k columns)."""
         return (max(1, self.steps // 2), self.steps)
+
+
+def _multiple_near(value: int, unit: int) -> str:
+    """The multiples of `unit` around `value`, as the fix to print: "768" or "768 (or 512)"."""
+    down, up = value // unit * unit, -(-value // unit) * unit
+    return f"{up}" + (f" (or {down})" if 0 < down != up else "")
+
+
+def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(sequences per micro-batch on each process, micro-batches per step) that split the global batch of
+    tokens_per_step over `world` processes.
+
+    The per-process micro-batch is batch_size when the global batch holds a whole number of batch_size x world
+    micro-batches, as on one process. Otherwise it is derived rather than refused: batch_size / world with the
+    1-process accumulation, so that every micro-batch is the one a single process would draw (TrainSampler deals
+    the batch_size rows of (step, micro) out to the ranks), else the largest divisor of the rows per process
+    that fits in batch_size. Only a global batch that cannot be split evenly over the processes is an error.
+    """
+    rows = cfg.tokens_per_step // cfg.seq_len  # TrainConfig.validate: a multiple of batch_size
+    if rows % world:
+        fix = _multiple_near(cfg.tokens_per_step, math.lcm(cfg.batch_size * cfg.seq_len, cfg.seq_len * world))
+        raise ConfigError(
+            f"TrainConfig.tokens_per_step: {cfg.tokens_per_step} ({rows} sequences of seq_len {cfg.seq_len}) cannot "
+            f"be split evenly over {world} processes; use --set tokens_per_step={fix}"
+        )
+    per_rank = rows // world
+    if per_rank % cfg.batch_size == 0:
+        return cfg.batch_size, per_rank // cfg.batch_size
+    if cfg.batch_size % world == 0:
+        return cfg.batch_size // world, rows // cfg.batch_size
+    micro = max(d for d in range(1, cfg.batch_size + 1) if per_rank % d == 0)
+    return micro, per_rank // micro

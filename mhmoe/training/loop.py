@@ -1,10 +1,14 @@
-"""Training: AdamW, warmup + cosine/linear decay, clipping, accumulation, autocast, checkpoints, exact resume.
+"""Training: AdamW, warmup + cosine/linear decay, clipping, accumulation, autocast, checkpoints, exact resume, on
+one process or under torchrun: DDP, or FSDP2 and expert parallelism (`ParallelConfig`; mhmoe.distributed).
 
 A run directory holds everything: config.json (resolved config), tokenizer/, metrics.jsonl (one line per step),
 evals.jsonl (periodic validation loss), tb/ (TensorBoard), checkpoints/step_N/. Running the same command again
 resumes from the newest good checkpoint and, on CPU, reproduces the uninterrupted run's losses bit for bit:
 the batch of step s is a pure function of (seed, s), and model, optimizer, scheduler and RNG state are restored.
-Under torchrun every rank draws the same global batch and takes its own rows (DDP averages the gradients).
+Under torchrun every rank draws the same global batch and takes its own rows (`micro_batches`); a run in which
+no rank holds the whole model (FSDP2 or expert parallelism) checkpoints with torch.distributed.checkpoint into
+dcp/step_N/ (resumable at any world size) and consolidates its newest one into checkpoints/ when it stops.
+Whatever the layout, a run logs the same metrics and evaluations.
 """
 
 from __future__ import annotations
@@ -21,11 +25,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
-from mhmoe.data.cache import tokenize_corpus
+from mhmoe.data.cache import TokenizedCorpus, tokenize_corpus
 from mhmoe.data.corpora import resolve_data_root
+from mhmoe.data.sampler import TrainSampler
 from mhmoe.data.tokenizer import Tokenizer
-from mhmoe.errors import ConfigError, TrainingError, UserError
+from mhmoe.distributed.dcp import (
+    list_distributed_checkpoints,
+    load_distributed,
+    load_rank_state,
+    prune_distributed,
+    save_distributed,
+)
+from mhmoe.distributed.parallel import (
+    Parallel,
+    ParallelConfig,
+    barrier,
+    dist_env,
+    init_parallel,
+    parallelize,
+    together,
+)
+from mhmoe.errors import TrainingError, UserError
 from mhmoe.fileio import atomic_write_text
 from mhmoe.model import Transformer
 from mhmoe.training.checkpoint import (
@@ -35,9 +58,13 @@ from mhmoe.training.checkpoint import (
     prune,
     run_lock,
     save_checkpoint,
+    step_dir,
+    verify,
 )
-from mhmoe.training.config import TrainConfig
+from mhmoe.training.config import TrainConfig, micro_batches
+from mhmoe.training.consolidate import consolidate
 from mhmoe.training.device import cpu_has_fast_bf16, resolve_device
+from mhmoe.training.evaluate import evaluate_corpus
 from mhmoe.training.optim import build_optimizer, lr_at, weight_decay_at
 from mhmoe.training.routing_health import RoutingMonitor
 from mhmoe.training.rundir import (
@@ -50,12 +77,7 @@ from mhmoe.training.rundir import (
     eval_bytes,
     prepare_tokenizer,
 )
-
-
-def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
+from mhmoe.training.step import train_step
 
 
 @dataclass
@@ -75,47 +97,55 @@ class RunState:
 def train(
     cfg: TrainConfig, run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None, progress: bool = True, stop_after: int | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> RunState:
     """Train (or resume) the run in `run_dir` until cfg.steps; `stop_after` ends early after that step.
 
-    Rank 0 holds the run directory's lock throughout; raises UserError if another process is training it.
+    parallel: the layout under torchrun (default: DDP, or one process without torchrun). Rank 0 holds the run
+    directory's lock throughout; raises UserError if another process is training it. Every error that stops
+    one rank before training starts stops all of them, with the same message.
     """
-    resolve_data_root(data_root, cfg.preset)  # a missing or too-small data root: say so before the lock makes RUN_DIR
-    with ExitStack() as stack:
-        if _dist_info()[0] == 0:
-            try:
-                stack.enter_context(run_lock(Path(run_dir)))
-            except RunBusy as e:
-                raise UserError(f"--out: {e}") from None
-        return _train(cfg, Path(run_dir), data_root, cache_dir, progress, stop_after)
-
-
-def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
-           cache_dir: str | os.PathLike | None, progress: bool, stop_after: int | None) -> RunState:
-    t_start = time.time()
-    run_dir = Path(run_dir)
-    wall_path = run_dir / "train_wall.json"
-    wall0 = _read_wall(wall_path)
-    rank, world = _dist_info()
+    parallel = parallel or ParallelConfig()
+    env = dist_env()
+    # What can be judged without the run directory is judged here, alike on every rank and before a process
+    # group exists: a rank refusing alone would leave the others waiting for it.
+    parallel.check(env.world, cfg.model)
+    micro, accum = micro_batches(cfg, env.world)
     device = resolve_device(cfg)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            device = torch.device("cuda", torch.cuda.current_device())
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    root = resolve_data_root(data_root, cfg.preset)  # a missing or too-small data root: say so before RUN_DIR exists
+    started = env.world > 1 and not dist.is_initialized()
+    par = init_parallel(parallel, device, env)
+    try:
+        with ExitStack() as stack:
+            return _train(cfg, Path(run_dir), root, default_cache_dir(cache_dir), progress, stop_after, par,
+                          micro, accum, stack)
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: bool, stop_after: int | None,
+           par: Parallel, micro: int, accum: int, stack: ExitStack) -> RunState:
+    t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    accum, rem = divmod(cfg.tokens_per_step, cfg.batch_size * cfg.seq_len * world)
-    if rem or accum < 1:
-        raise ConfigError(
-            f"TrainConfig.tokens_per_step: {cfg.tokens_per_step} is not a multiple of batch_size * seq_len * "
-            f"world_size ({cfg.batch_size * cfg.seq_len * world})"
-        )
-    root = resolve_data_root(data_root, cfg.preset)
-    cache = default_cache_dir(cache_dir)
     config_json = cfg.to_json()
+    evaluating = par.rank == 0 or par.sharded  # sharded models need every rank in each forward
+    eval_names = list(cfg.data.eval_domains) if cfg.eval_tokens else []
 
-    if rank == 0:
+    def corpora(tok: Tokenizer) -> tuple[TokenizedCorpus, dict[str, TokenizedCorpus]]:
+        train_corpus = tokenize_corpus(cfg.data.train_corpus, tok, root, cache, cfg.data.max_train_bytes)
+        evals = {name: tokenize_corpus(name, tok, root, cache, eval_bytes(cfg, cfg.eval_tokens))
+                 for name in (eval_names if evaluating else [])}
+        return train_corpus, evals
+
+    def prepare() -> Any:  # rank 0 writes the run directory, the tokenizer and the token caches first
+        if par.rank != 0:
+            return None
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except RunBusy as e:
+            raise UserError(f"--out: {e}") from None
         run_dir.mkdir(parents=True, exist_ok=True)
         stored = run_dir / "config.json"
         if stored.is_file():
@@ -124,57 +154,48 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
             atomic_write_text(stored, config_json)
         tok = prepare_tokenizer(cfg, run_dir, root, cache)
         _check_vocab(cfg, tok)
-        train_corpus = tokenize_corpus(cfg.data.train_corpus, tok, root, cache, cfg.data.max_train_bytes)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
+        return (tok, *corpora(tok))
+
+    prepared = together(par, prepare)
+
+    def load() -> Any:  # then the other ranks read them
+        if par.rank == 0:
+            return prepared
         tok = Tokenizer.load(run_dir / "tokenizer")
-        train_corpus = tokenize_corpus(cfg.data.train_corpus, tok, root, cache, cfg.data.max_train_bytes)
+        return (tok, *corpora(tok))
 
-    from mhmoe.data.sampler import TrainSampler
+    tok, train_corpus, eval_corpora = together(par, load)
+    wall_path = run_dir / "train_wall.json"
+    wall0 = _read_wall(wall_path)
 
-    sampler = TrainSampler(train_corpus, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every resume
-    model = Transformer(cfg.model).to(device)
+    sampler = TrainSampler(train_corpus, cfg.seq_len, micro, cfg.seed, par.rank, par.world)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (sharded: before sharding) and resume
+    model = Transformer(cfg.model).to(par.device)
+    net = parallelize(model, par) if par.sharded else model  # FSDP2 / expert shards: before the optimizer
     optimizer = build_optimizer(model, cfg.optim)
-
-    start = 0
-    found = latest_good_checkpoint(run_dir)
-    if found is not None:
-        start = found[0]
-    routing = RoutingMonitor(model, cfg, device, start)  # routing (issue 16): health, bias update, dead experts
-    if found is not None:
-        ckpt = found[1]
-        load_model_weights(model, ckpt)  # the routers' aux-loss-free biases included
-        state = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        routing.load_state_dict(state.get("routing"))  # routing (issue 16)
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-    if rank == 0:  # drop log lines written after the checkpoint we resume from
+    if par.sharded:  # foreach kernels reject a mix of DTensor (FSDP) and plain (expert) tensors
+        for g in optimizer.param_groups:
+            g["foreach"] = False
+    routing = RoutingMonitor(model, cfg, par.device)
+    start = _resume(run_dir, model, optimizer, par, routing)
+    if par.rank == 0:  # drop log lines written after the checkpoint we resume from
         for name in ("metrics.jsonl", "evals.jsonl"):
             atomic_write_text(run_dir / name, "".join(l + "\n" for l in _read_jsonl(run_dir / name, start)))
     if start >= cfg.steps:
         return RunState(start, True, None, time.time() - t_start)
 
-    net: torch.nn.Module = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+    if not par.sharded:
+        net = parallelize(model, par)  # DDP under torchrun, the model itself on one process
     if cfg.compile:
         net = torch.compile(net)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    autocast = (torch.autocast(device_type=par.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
-    if cfg.dtype == "bfloat16" and device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
+    if cfg.dtype == "bfloat16" and par.device.type == "cpu" and par.rank == 0 and not cpu_has_fast_bf16():
         print("mhmoe train: warning: TrainConfig.dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX) "
               "runs matmuls ~100x slower than float32; use --set dtype=float32", file=sys.stderr, flush=True)
 
     writer = pbar = None
-    eval_corpora: dict[str, Any] = {}
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
-
+    if par.rank == 0:
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)
         pbar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.variant}", unit="step",
                     dynamic_ncols=True, file=sys.stderr)
@@ -190,92 +211,140 @@ def _train(cfg: TrainConfig, run_dir: Path, data_root: str | os.PathLike | None,
                 g["lr"] = lr
             if cfg.optim.wd_off_at > 0:  # group 0 is the decayed one (build_optimizer)
                 optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, cfg)
-            sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "lb": 0.0, "z": 0.0, "entropy": 0.0, "dropped": 0.0}
-            for micro in range(accum):
-                x, y = sampler.batch(step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = nullcontext() if world == 1 or micro == accum - 1 else net.no_sync()
-                with sync:
-                    with autocast:
-                        out = net(x, y)
-                    (out.loss / accum).backward()
-                sums["loss"] += out.loss.item() / accum
-                sums["ce"] += out.ce_loss.item() / accum
-                sums["aux"] += out.aux_loss.item() / accum
-                n_moe = max(1, len(out.aux))
-                for a in out.aux:
-                    sums["lb"] += a.lb_loss.item() / accum / n_moe
-                    sums["z"] += a.z_loss.item() / accum / n_moe
-                    sums["entropy"] += a.router_entropy.item() / accum / n_moe
-                    sums["dropped"] += a.dropped_fraction.item() / accum / n_moe
-                routing.add(out.aux)  # routing (issue 16): the step's loads and health, summed on the device
-            if world > 1:
-                t = torch.tensor([sums["loss"], sums["ce"]], device=device, dtype=torch.float64)
-                dist.all_reduce(t)
-                sums["loss"], sums["ce"] = (t / world).tolist()
-            if not math.isfinite(sums["loss"]):
-                good = latest_good_checkpoint(run_dir)
+            m = train_step(step, net, model, sampler, accum, par, cfg.optim.grad_clip, autocast, routing)
+            if not math.isfinite(m["loss"]):  # the same all-reduced loss on every rank: all of them stop here
                 raise TrainingError(
-                    f"loss is {sums['loss']} at step {step + 1}; stopped without updating. The last good checkpoint "
-                    f"(step {good[0] if good else 0}) is kept in {run_dir}; lower optim.lr or raise "
+                    f"loss is {m['loss']} at step {step + 1}; stopped without updating. The last good checkpoint "
+                    f"(step {_last_good(run_dir, par)}) is kept in {run_dir}; lower optim.lr or raise "
                     "optim.warmup_steps and rerun"
                 )
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
-                         if cfg.optim.grad_clip > 0 else float("nan"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            routing.end_step(done)  # routing (issue 16): loads summed over ranks, bias update, dead experts
-            last_loss = sums["loss"]
+            last_loss = m["loss"]
             dt = time.time() - t0
-            if rank == 0:
-                rec = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": sums["loss"], "ce": sums["ce"],
-                       "aux": sums["aux"], "lb": sums["lb"], "z": sums["z"], "router_entropy": sums["entropy"],
-                       "dropped": sums["dropped"], "lr": lr, "grad_norm": grad_norm,
+            if par.rank == 0:
+                rec = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": m["loss"], "ce": m["ce"],
+                       "aux": m["aux"], "lb": m["lb"], "z": m["z"], "router_entropy": m["router_entropy"],
+                       "dropped": m["dropped"], "lr": lr, "grad_norm": m["grad_norm"],
                        "tok_per_s": cfg.tokens_per_step / max(dt, 1e-9),
-                       **routing.record()}  # routing (issue 16): per-layer health and loads, one conversion
+                       "expert_load_max_over_mean": m["expert_load_max_over_mean"],
+                       "tokens_per_expert": m["tokens_per_expert"]}
+                added = [k for k in m if k not in rec]  # per-layer routing health and later additions: after these
+                rec.update((k, m[k]) for k in added)
                 with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
-                for k in ("loss", "ce", "aux", "lb", "z", "router_entropy", "lr", "grad_norm", "tok_per_s"):
+                for k in ("loss", "ce", "aux", "lb", "z", "router_entropy", "lr", "grad_norm", "tok_per_s",
+                          *(k for k in added if isinstance(m[k], float))):
                     writer.add_scalar(f"train/{k}", rec[k], done)
-                routing.log_scalars(writer, rec, done)  # routing (issue 16)
+                routing.log_scalars(writer, rec, done)
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{rec['tok_per_s']:,.0f}", refresh=False)
-                if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                    _periodic_eval(model, cfg, done, run_dir, tok, root, cache, eval_corpora, device, writer)
+                pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tok_per_s']:,.0f}", refresh=False)
+            eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+            if evaluating and cfg.eval_tokens and eval_due:
+                _periodic_eval(model, cfg, done, eval_corpora, par, run_dir, writer)
             if done % cfg.ckpt_every == 0 or done in keep:
-                if rank == 0:
-                    state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-                             "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                             "step": done, "routing": routing.state_dict()}  # routing (issue 16)
-                    save_checkpoint(run_dir, done, model, state, config_json)
-                    prune(run_dir, cfg.keep_checkpoints, keep)
+                _save(run_dir, done, model, optimizer, par, cfg, config_json, keep, routing)
+                if par.rank == 0:
                     _write_wall(wall_path, wall0 + time.time() - t_start)
-                if world > 1:
-                    dist.barrier()
+                barrier(par)
     finally:
         if pbar is not None:
             pbar.close()
         if writer is not None:
             writer.close()
-        if rank == 0:
+        if par.rank == 0:
             _write_wall(wall_path, wall0 + time.time() - t_start)
-    final = stop_at
-    return RunState(final, final >= cfg.steps, last_loss, time.time() - t_start)
+    if par.sharded:
+        together(par, lambda: _consolidate_newest(run_dir) if par.rank == 0 else None)
+    return RunState(stop_at, stop_at >= cfg.steps, last_loss, time.time() - t_start)
 
 
-def _periodic_eval(model, cfg, step, run_dir, tok, root, cache, corpora, device, writer) -> None:  # noqa: ANN001
-    from mhmoe.training.evaluate import evaluate_corpus
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: native (one process, DDP) or distributed (FSDP2, expert parallel)
 
-    if not cfg.eval_tokens:
+
+def _rng_state(par: Parallel) -> dict[str, Any]:
+    return {"rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if par.device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict[str, Any] | None, par: Parallel) -> None:
+    if state is None:  # a distributed checkpoint from another world size: the RNG goes on from the seed
         return
+    torch.set_rng_state(state["rng_cpu"].cpu())  # trainer.pt is loaded onto the run's device
+    if par.device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+
+
+def _resume(run_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer, par: Parallel,
+            routing: RoutingMonitor) -> int:
+    """Load the newest checkpoint of this run's kind into model and optimizer; returns its step (0: none)."""
+    if par.sharded:
+        found = list_distributed_checkpoints(run_dir)
+        if not found:
+            return 0
+        step, path = found[-1]
+        load_distributed(path, model, optimizer, par)
+        rank_state = load_rank_state(path, par.rank)
+        _set_rng_state(rank_state, par)
+        routing.load_state_dict((rank_state or {}).get("routing"), step)  # another world size: the window restarts
+        return step
+    found_native = latest_good_checkpoint(run_dir)
+    if found_native is None:
+        return 0
+    step, ckpt = found_native
+    load_model_weights(model, ckpt)
+    state = torch.load(ckpt / "trainer.pt", map_location=par.device, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state, par)
+    routing.load_state_dict(state.get("routing"), step)
+    return step
+
+
+def _save(run_dir: Path, done: int, model: Transformer, optimizer: torch.optim.Optimizer, par: Parallel,
+          cfg: TrainConfig, config_json: str, keep: set[int], routing: RoutingMonitor) -> None:
+    if par.sharded:
+        save_distributed(run_dir / "dcp" / f"step_{done:07d}", model, optimizer, par, {"step": done},
+                         {**_rng_state(par), "routing": routing.state_dict()})
+        if par.rank == 0:
+            prune_distributed(run_dir, cfg.keep_checkpoints, keep)
+    elif par.rank == 0:
+        save_checkpoint(run_dir, done, model, {"optimizer": optimizer.state_dict(), **_rng_state(par), "step": done,
+                                               "routing": routing.state_dict()}, config_json)
+        prune(run_dir, cfg.keep_checkpoints, keep)
+
+
+def _last_good(run_dir: Path, par: Parallel) -> int:
+    if par.sharded:
+        found = list_distributed_checkpoints(run_dir)
+        return found[-1][0] if found else 0
+    good = latest_good_checkpoint(run_dir)
+    return good[0] if good else 0
+
+
+def _consolidate_newest(run_dir: Path) -> None:
+    """The newest distributed checkpoint as a native one, for `mhmoe eval` / `mhmoe export` (once)."""
+    found = list_distributed_checkpoints(run_dir)
+    if found and (not step_dir(run_dir, found[-1][0]).is_dir() or verify(step_dir(run_dir, found[-1][0]))):
+        consolidate(run_dir, found[-1][0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Periodic evaluation
+
+
+def _periodic_eval(model: torch.nn.Module, cfg: TrainConfig, step: int, corpora: dict[str, TokenizedCorpus],
+                   par: Parallel, run_dir: Path, writer: SummaryWriter | None) -> None:
+    """Validation loss of every eval domain on `cfg.eval_tokens` tokens; rank 0 logs it. Sharded models are
+    evaluated by every rank on the same windows (each forward needs all of them), replicated ones by rank 0."""
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     rec: dict[str, Any] = {"step": step, "tokens": step * cfg.tokens_per_step}
-    for name in cfg.data.eval_domains:
-        if name not in corpora:
-            corpora[name] = tokenize_corpus(name, tok, root, cache, eval_bytes(cfg, cfg.eval_tokens))
-        r = evaluate_corpus(model, corpora[name], cfg.seq_len, cfg.batch_size, cfg.eval_tokens, device,
-                            torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
-        rec[name] = r["loss"]
-        writer.add_scalar(f"val/{name}", r["loss"], step)
-    with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+    for name, corpus in corpora.items():
+        rec[name] = evaluate_corpus(model, corpus, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, par.device,
+                                    dtype)["loss"]
+    if par.rank == 0:
+        for name in corpora:
+            writer.add_scalar(f"val/{name}", rec[name], step)
+        with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")

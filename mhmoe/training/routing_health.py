@@ -1,13 +1,14 @@
 """The training loop's routing side: per-step routing health, the aux-loss-free bias update, dead experts.
 
-The loop makes four calls (marked "routing (issue 16)" in mhmoe.training.loop):
+The step (mhmoe.training.step.train_step) makes the calls:
     monitor.add(out.aux)        after each micro-batch's forward: device sums, no host sync
-    monitor.end_step(step)      after optimizer.step(): one all_reduce of the step's [L, E+3] sums when
-                                torch.distributed is initialised, the bias update (balancing "bias"/"both"), the
-                                dead-expert window; device tensors only
-    monitor.record()            rank 0: the metrics.jsonl fields of the step, from ONE host conversion (.tolist)
-                                of everything (the loads included, which the loop used to convert per layer)
-    monitor.state_dict()        the dead-expert window, saved in trainer.pt so a resumed run reports the same
+    monitor.end_step(step)      after the backward of the step's last micro-batch: one all_reduce of the step's
+                                [L, E+3] sums when torch.distributed is initialised, the bias update (balancing
+                                "bias"/"both"; the bias is not a parameter, so updating it before or after
+                                optimizer.step() is the same: the next forward sees both), the dead-expert window
+    monitor.pending()           the step's record as one device tensor, brought to the host in the step's one
+                                transfer, then turned into metrics.jsonl fields by monitor.record(rows)
+    monitor.state_dict()        the dead-expert window, saved with the checkpoint so a resumed run reports the same
 Per MoE layer (lists in depth order), metrics.jsonl gets
     load_cv, load_max_mean      of the step's load (assignments per expert over all micro-batches and ranks)
     expert_activation           mean over the step's sequences (mhmoe.layers.routing_stats)
@@ -112,19 +113,29 @@ class RoutingMonitor:
         self._step = (step, loads, means, health)
         self._sums, self._micro = None, 0
 
-    def record(self) -> dict[str, Any]:
-        """The step's metrics.jsonl fields (lists with one value per MoE layer); one host conversion."""
+    def pending(self) -> torch.Tensor | None:
+        """The step's record as one [L, C] float64 device tensor (None before end_step or without MoE layers), for
+        the caller to bring to the host in the same transfer as its own metrics."""
+        if self._step is None:
+            return None
+        _, loads, means, health = self._step
+        legacy = loads.long()
+        legacy_mm = legacy.max(dim=1).values / legacy.float().mean(dim=1)  # [L] as the loop computed it before
+        return torch.cat([loads, means, health, legacy_mm.double()[:, None]], dim=1)
+
+    def record(self, rows: list[list[float]] | None = None) -> dict[str, Any]:
+        """The step's metrics.jsonl fields (lists with one value per MoE layer) from `pending()` brought to the
+        host (rows); rows None converts `pending()` here."""
         if self._step is None:
             return {"tokens_per_expert": [], "expert_load_max_over_mean": [], "load_cv": [], "load_max_mean": [],
                     "dead_experts": [], "expert_activation": [], "subtoken_distinct": None,
                     "router_entropy_per_layer": []}
-        _, loads, means, health = self._step
-        legacy = loads.long()
-        legacy_mm = legacy.max(dim=1).values / legacy.float().mean(dim=1)  # [L] as the loop computed it before
-        rows = torch.cat([loads, means, health, legacy_mm.double()[:, None]], dim=1).tolist()  # the one sync
+        if rows is None:
+            rows = self.pending().tolist()
+        health_cols = 4 if self.bias else 3
         E = self.experts
         col = {name: [r[E + i] for r in rows] for i, name in enumerate(_MEANS)}
-        hcol = [[r[E + len(_MEANS) + i] for r in rows] for i in range(health.shape[1])]
+        hcol = [[r[E + len(_MEANS) + i] for r in rows] for i in range(health_cols)]
         rec = {"tokens_per_expert": [[int(v) for v in r[:E]] for r in rows],
                "expert_load_max_over_mean": [r[-1] for r in rows],
                "load_cv": hcol[0], "load_max_mean": hcol[1], "dead_experts": [int(v) for v in hcol[2]],
@@ -146,7 +157,10 @@ class RoutingMonitor:
     def state_dict(self) -> dict[str, Any]:
         return {"dead_expert_last_seen": self.tracker.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore the dead-expert window; None (a checkpoint from before it was saved) keeps the start step."""
+    def load_state_dict(self, state: dict[str, Any] | None, step: int = 0) -> None:
+        """Restore the dead-expert window of a checkpoint at `step`; None (a checkpoint from before it was saved,
+        or from another world size) starts the window at `step`."""
         if state is not None:
             self.tracker.load_state_dict(state["dead_expert_last_seen"])
+        else:
+            self.tracker.last_seen.fill_(step)

@@ -1,15 +1,14 @@
 """Scale-out on CPU (gloo): the expert-parallel layer equals the single-process layer (outputs and every gradient,
-4 processes as 2 data-parallel x 2 expert-parallel and as 1 x 4), 2-process FSDP2 + EP and DDP + EP training match
-the 1-process `mhmoe train` losses for the same global batch, and a DCP checkpoint written by 2 processes reloads in
-one (consolidated weights = the 1-process run's; `mhmoe train` resumes from it). Also the calculators."""
+4 processes as 2 data-parallel x 2 expert-parallel and as 1 x 4); `torchrun ... mhmoe train` with FSDP2 + EP,
+DDP + EP and FSDP2 alone matches the 1-process run for the same global batch (losses, metrics.jsonl keys,
+evals.jsonl records), resumes bit for bit, stops on a NaN loss keeping its last checkpoint, and refuses a bad
+config with the same one line on every rank; a DCP checkpoint written by 2 processes reloads in one
+(`mhmoe consolidate`: the 1-process run's weights; `mhmoe train` resumes from it). Also the calculators."""
 
 import copy
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import shared_data_root
+from helpers import free_port, rank_logs, ranks_like_torchrun, torchrun_mhmoe
 
 from mhmoe.distributed.memory import comm_volume_per_token, memory_per_gpu, memory_table
+from mhmoe.distributed.parallel import ParallelConfig
 from mhmoe.layers.config import FFNConfig
 from mhmoe.training.presets import preset
 
 ROOT = shared_data_root()
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +48,7 @@ def _ep_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     report = {}
     n = 24  # tokens per rank
     for ep in (2, 4):
-        par = init_parallel(ep, "cpu")
+        par = init_parallel(ParallelConfig(ep=ep), torch.device("cpu"))
         for name, cfg in LAYERS.items():
             for capacity in (0.0, 1.0):
                 cfg_c = cfg.replace(capacity_factor=capacity)
@@ -108,7 +98,7 @@ def _ep_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_expert_parallel_layer_equals_single_process(tmp_path):
     world = 4
-    mp.start_processes(_ep_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="spawn",
+    mp.start_processes(_ep_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="spawn",
                        join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     worst = max(v["max_err"] for rep in reports for v in rep.values())
@@ -129,21 +119,33 @@ def test_expert_parallel_layer_equals_single_process(tmp_path):
 # Training, FSDP2 / DDP x EP, distributed checkpoints
 
 
-COMMON = ["--set", "steps=4", "--set", "ckpt_every=2", "--set", "threads=1", "--set", "tokens_per_step=512",
-          "--set", "eval_tokens=0", "--set", "model.moe_ffn.lb_coef=0"]  # the balance loss is per rank by design
+# The smoke preset's 8 x 64-token global batch: 1 process takes all 8 rows, each of 2 processes 4 of them (the
+# per-process micro-batch derived from batch_size 8). The balance loss is per rank by design: off for equality.
+SETS = ["steps=4", "ckpt_every=2", "threads=1", "eval_every=2", "eval_tokens=512", "model.moe_ffn.lb_coef=0"]
+METRIC_KEYS = ["step", "tokens", "loss", "ce", "aux", "lb", "z", "router_entropy", "dropped", "lr", "grad_norm",
+               "tok_per_s", "expert_load_max_over_mean", "tokens_per_expert", "load_cv", "load_max_mean", "dead_experts",
+               "expert_activation", "subtoken_distinct", "router_entropy_per_layer"]
+
+
+def _records(run_dir, name="metrics.jsonl"):
+    return [json.loads(l) for l in (Path(run_dir) / name).read_text().splitlines()]
 
 
 def _losses(run_dir):
-    return [json.loads(l)["loss"] for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in _records(run_dir)]
 
 
-def _torchrun(out, cache, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "mhmoe.cli.distributed", "train", "--preset", "smoke", "--model", "mhmoe-h2", "--out", str(out),
-           "--data-root", str(ROOT), "--cache-dir", str(cache), "--no-progress", *COMMON, "--set", "batch_size=4",
-           *extra]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+def _argv(out, cache, *extra, model="mhmoe-h2"):
+    argv = ["train", "--preset", "smoke", "--model", model, "--out", str(out), "--data-root", str(ROOT),
+            "--cache-dir", str(cache), "--no-progress", *extra]
+    for kv in SETS:
+        argv += ["--set", kv]
+    return argv
+
+
+def _torchrun(out, cache, *extra, model="mhmoe-h2", **env):
+    res = torchrun_mhmoe(_argv(out, cache, *extra, model=model), Path(f"{out}-logs"), **env)
+    assert res.returncode == 0, (res.stderr[-2000:], rank_logs(Path(f"{out}-logs"))[0][-3000:])
     return _losses(out)
 
 
@@ -156,8 +158,7 @@ def reference(tmp_path_factory):
     from mhmoe.training.rundir import resolve_config
 
     base = tmp_path_factory.mktemp("dist")
-    sets = [COMMON[i + 1] for i in range(0, len(COMMON), 2)] + ["batch_size=8"]
-    cfg = resolve_config("smoke", "mhmoe-h2", sets)
+    cfg = resolve_config("smoke", "mhmoe-h2", SETS)
     train(cfg, base / "ref", ROOT, base / "cache", progress=False)
     return base, cfg
 
@@ -166,24 +167,33 @@ def _close(a, b, rel=1e-4):
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(x) for x, y in zip(a, b))
 
 
-def test_fsdp_ep_training_matches_one_process_and_checkpoint_reloads_in_one(reference):
+@pytest.fixture(scope="module")
+def fsdp_ep(reference):
+    """The 2-process FSDP2 x EP2 run of the reference's config."""
+    base, _ = reference
+    _torchrun(base / "fsdp_ep", base / "cache", "--ep", "2", "--dp", "fsdp")
+    return base / "fsdp_ep"
+
+
+def test_fsdp_ep_training_matches_one_process_and_checkpoint_reloads_in_one(reference, fsdp_ep, capsys):
     from safetensors.torch import load_file
 
-    from mhmoe.distributed.dcp import consolidate, list_distributed_checkpoints
+    from mhmoe.cli import main
+    from mhmoe.distributed.dcp import list_distributed_checkpoints
     from mhmoe.training.checkpoint import list_checkpoints
     from mhmoe.training.loop import train
 
     base, cfg = reference
-    ref = _losses(base / "ref")
-    run = base / "fsdp_ep"
-    got = _torchrun(run, base / "cache", "--ep", "2", "--dp", "fsdp")
+    run = fsdp_ep
+    ref, got = _losses(base / "ref"), _losses(run)
     print(f"FSDP2 x EP2 (2 processes) losses {got}\n1 process                  losses {ref}")
     assert _close(got, ref)
     assert [s for s, _ in list_distributed_checkpoints(run)] == [2, 4]
     info = json.loads((run / "dcp" / "step_0000004" / "trainer.json").read_text())
     assert info == {"step": 4, "world": 2, "ep": 2}
     # Reloaded in one process (no process group), the 2-process shards give the 1-process run's weights.
-    consolidate(run, 2)
+    assert main(["consolidate", str(run), "--step", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {run / 'checkpoints' / 'step_0000002'}"
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]  # 4 consolidated at the end of training
     for step in (2, 4):
         a = load_file(str(run / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
@@ -195,11 +205,30 @@ def test_fsdp_ep_training_matches_one_process_and_checkpoint_reloads_in_one(refe
     # ... and 1-process `mhmoe train` resumes from the 2-process step-2 checkpoint (AdamW state included).
     resumed = base / "resumed"
     resumed.mkdir()
-    shutil.copy(base / "ref" / "config.json", resumed / "config.json")
+    shutil.copy(run / "config.json", resumed / "config.json")
     shutil.copytree(run / "tokenizer", resumed / "tokenizer")
     shutil.copytree(run / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
     train(cfg, resumed, ROOT, base / "cache", progress=False)
     assert _close(_losses(resumed), ref[2:])
+
+
+def test_parallel_run_logs_what_a_one_process_run_logs(reference, fsdp_ep):
+    base, _ = reference
+    one, two = _records(base / "ref"), _records(fsdp_ep)
+    assert [list(r) for r in two] == [list(r) for r in one] == [METRIC_KEYS] * 4
+    # Expert loads are summed over the ranks: the global batch's, like one process's (the same routers at step 1).
+    assert two[0]["tokens_per_expert"] == one[0]["tokens_per_expert"]
+    for a, b in zip(one, two):
+        assert sum(b["tokens_per_expert"][0]) == 512 * 2 * 2  # tokens x heads x top-k
+        for k in ("ce", "aux", "z", "router_entropy", "dropped", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), k
+    evals_one, evals_two = _records(base / "ref", "evals.jsonl"), _records(fsdp_ep, "evals.jsonl")
+    assert [sorted(r) for r in evals_two] == [sorted(r) for r in evals_one]
+    assert [r["step"] for r in evals_two] == [2, 4] and {"redpajama", "wikipedia", "c4"} <= set(evals_two[0])
+    for a, b in zip(evals_one, evals_two):
+        domains = [k for k in a if k not in ("step", "tokens")]
+        assert _close([a[k] for k in domains], [b[k] for k in domains])
+    assert any((fsdp_ep / "tb").iterdir())
 
 
 @pytest.mark.parametrize("dp, ep", [("ddp", 2), ("fsdp", 1)])
@@ -210,8 +239,78 @@ def test_ddp_ep_and_plain_fsdp_training_match_one_process(reference, dp, ep):
     assert _close(got, _losses(base / "ref"))
 
 
+def test_aux_loss_free_bias_under_expert_parallelism_matches_one_process(reference):
+    """The bias update sums the loads over the ranks: 2 processes (DDP x EP2) end with the 1-process biases."""
+    from safetensors.torch import load_file
+
+    from mhmoe.training.loop import train
+    from mhmoe.training.rundir import resolve_config
+
+    base, _ = reference
+    train(resolve_config("smoke", "mhmoe-h2-alf", SETS), base / "alf_ref", ROOT, base / "cache", progress=False)
+    got = _torchrun(base / "alf_ep", base / "cache", "--ep", "2", "--dp", "ddp", model="mhmoe-h2-alf")
+    assert _close(got, _losses(base / "alf_ref"))
+    one = load_file(str(base / "alf_ref" / "checkpoints" / "step_0000004" / "model.safetensors"))
+    two = load_file(str(base / "alf_ep" / "checkpoints" / "step_0000004" / "model.safetensors"))
+    biases = [k for k in one if k.endswith("expert_bias")]
+    assert biases and all(one[k].abs().sum() > 0 for k in biases)  # the update ran
+    for k in biases:
+        assert torch.equal(one[k], two[k]), k
+    assert [r["bias_norm"] for r in _records(base / "alf_ep")] == [r["bias_norm"] for r in _records(base / "alf_ref")]
+
+
+def test_parallel_resume_is_bit_exact(reference, fsdp_ep):
+    base, _ = reference
+    part = base / "fsdp_ep_resumed"
+    assert _torchrun(part, base / "cache", "--ep", "2", "--dp", "fsdp", MHMOE_TEST_STOP_AFTER="3") == \
+        _losses(fsdp_ep)[:3]
+    assert sorted(p.name for p in (part / "dcp").iterdir()) == ["step_0000002"]
+    assert (part / "checkpoints" / "step_0000002").is_dir()  # the newest one consolidated when it stopped
+    _torchrun(part, base / "cache", "--ep", "2", "--dp", "fsdp")  # resumes from step 2, re-does 3
+    assert _losses(part) == _losses(fsdp_ep)  # exact float equality
+    assert _records(part, "evals.jsonl") == _records(fsdp_ep, "evals.jsonl")
+
+
+def test_parallel_nan_loss_stops_every_rank_and_keeps_the_checkpoint(reference):
+    base, _ = reference
+    run = base / "nan"
+    # Only rank 1's third forward is poisoned: the all-reduced loss stops both ranks at step 3.
+    ranks = ranks_like_torchrun(_argv(run, base / "cache", "--ep", "2", "--dp", "fsdp"), base / "nan-logs",
+                                MHMOE_TEST_POISON="1:3")
+    assert [code for code, _ in ranks] == [2, 2], ranks
+    err = ranks[0][1]
+    assert ranks[1][1] == err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("mhmoe train: error: loss is nan at step 3; stopped without updating. The last good "
+                          f"checkpoint (step 2) is kept in {run}")
+    assert sorted(p.name for p in (run / "dcp").iterdir()) == ["step_0000002"]
+    assert len(_losses(run)) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    # refused by every rank before the process group starts
+    (["--set", "batch_size=1", "--set", "tokens_per_step=192"],
+     "TrainConfig.tokens_per_step: 192 (3 sequences of seq_len 64) cannot be split evenly over 2 processes; use "
+     "--set tokens_per_step=256 (or 128)"),
+    (["--ep", "3"], "--ep: must divide the number of processes (2), got 3"),
+    # refused by rank 0 (the run directory holds another run), told to rank 1
+    (["--set", "seed=7"], "holds a run with a different config (seed: 1337 in the run, 7 now)"),
+])
+def test_bad_config_under_torchrun_is_one_line_on_every_rank(reference, tmp_path, extra, message):
+    base, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(base / "ref", run, ignore=shutil.ignore_patterns("checkpoints", "tb", ".lock"))
+    ranks = ranks_like_torchrun(_argv(run, base / "cache", *extra), tmp_path / "logs")
+    assert [code for code, _ in ranks] == [2, 2], ranks
+    err = ranks[0][1]
+    assert ranks[1][1] == err and err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    # torchrun itself: the same line from each rank, and its report of an exit code 2.
+    res = torchrun_mhmoe(_argv(run, base / "cache", *extra), tmp_path / "torchrun")
+    assert res.returncode != 0 and "exitcode  : 2" in res.stderr
+    assert all(log in ("", err) for log in rank_logs(tmp_path / "torchrun")) and err in rank_logs(tmp_path / "torchrun")
+
+
 def test_distributed_cli_errors_are_one_line(tmp_path, capsys):
-    from mhmoe.cli.distributed import main
+    from mhmoe.cli import main
 
     assert main(["consolidate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -219,6 +318,18 @@ def test_distributed_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--preset", "smoke", "--model", "smoe", "--out", str(tmp_path / "r"), "--ep", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--ep: must divide the number of processes (1), got 3" in err
+    assert not (tmp_path / "r").exists()
+    assert main(["train", "--preset", "smoke", "--model", "smoe", "--out", str(tmp_path / "r"), "--ep", "0"]) == 2
+    assert "--ep: must be >= 1" in capsys.readouterr().err
+
+
+def test_memory_cli(capsys):
+    from mhmoe.cli import main
+
+    assert main(["memory", "--preset", "paper", "--gpus", "8", "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| mhmoe-h2 |" in out and "FSDP x16 + EP 8" in out and "all-to-all per token" in out
+    assert main(["memory", "--gpus", "6", "--ep", "4"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,6 +357,6 @@ def test_comm_volume_is_independent_of_heads_and_memory_calculator():
     # replicated twice (1/8 each) while FSDP's dense shards keep shrinking (1/16).
     assert ep.params == pytest.approx(fsdp.params) and ep.gather_bytes < fsdp.gather_bytes
     assert memory_per_gpu(smoe, 16, 8).params > memory_per_gpu(smoe, 16, 1).params
-    table = memory_table("paper")
+    table = memory_table({v: preset("paper", v).model for v in ("smoe", "mhmoe-h2", "mhmoe-h3")})
     print(table)
     assert table.count("\n") == 4 and "mhmoe-h3" in table

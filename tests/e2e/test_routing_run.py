@@ -18,13 +18,12 @@ from safetensors.torch import load_file
 from mhmoe import reproduce as R
 from mhmoe import routing_report as RR
 from mhmoe.cli import main
-from mhmoe.errors import ConfigError, UserError
+from mhmoe.errors import UserError
 from mhmoe.layers.balancing import moe_routers, update_router_biases
 from mhmoe.layers.config import MoEAux
 from mhmoe.model import Transformer
 from mhmoe.training.checkpoint import list_checkpoints
 from mhmoe.training.loop import train
-from mhmoe.training.parallel_loop import train_parallel
 from mhmoe.training.presets import Base, model_config, preset
 from mhmoe.training.routing_health import RoutingMonitor
 
@@ -102,12 +101,6 @@ def test_bias_update_over_two_gloo_ranks_equals_one_process_on_summed_loads(tmp_
     assert got[0]["monitor_biases"] == [r.expert_bias.tolist() for r in moe_routers(single2)]
     assert got[0]["record"] == json.loads(json.dumps(mon.record()))
     assert got[0]["record"]["expert_activation"] == pytest.approx([0.375, 0.375])  # (0.25 + 0.5) / 2
-
-
-def test_torchrun_loop_refuses_bias_balancing_until_the_loops_merge(tmp_path):
-    with pytest.raises(ConfigError, match="model.moe_ffn.balancing: 'bias'/'both' needs the bias update"):
-        train_parallel(preset("smoke", "smoe-alf"), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

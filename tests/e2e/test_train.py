@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import shared_data_root
+from helpers import rank_logs, torchrun_mhmoe
 
 from mhmoe.cli import main
 from mhmoe.errors import TrainingError
@@ -199,22 +201,71 @@ def test_missing_data_root_and_mismatched_run_dir(tmp_path, cache, capsys, monke
 
 
 def test_ddp_two_processes_match_one(tmp_path, cache):
-    # Same global batch (tokens_per_step): 2 ranks x 4 sequences vs 1 rank x 8 sequences.
-    base = ["--preset", "smoke", "--model", "mhmoe-h2", "--data-root", str(ROOT), "--cache-dir", str(cache),
-            "--no-progress", "--set", "steps=3", "--set", "threads=1", "--set", "tokens_per_step=512",
+    # The same command on 1 and 2 processes: the global batch of 8 sequences is 1 x 8 rows or 2 x 4 rows (the
+    # per-process micro-batch derived from batch_size 8), drawn alike (micro_batches).
+    base = ["train", "--preset", "smoke", "--model", "mhmoe-h2", "--data-root", str(ROOT), "--cache-dir", str(cache),
+            "--no-progress", "--set", "steps=3", "--set", "threads=1",
             "--set", "model.moe_ffn.lb_coef=0"]  # the balance loss is per rank by design; drop it for equality
-    one = subprocess.run([sys.executable, "-m", "mhmoe.cli", "train", *base, "--set", "batch_size=8",
-                          "--out", str(tmp_path / "one")], env=_env(), capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "mhmoe.cli", *base, "--out", str(tmp_path / "one")], env=_env(),
+                         capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29500 + os.getpid() % 1000), "-m", "mhmoe.cli", "train", *base,
-                          "--set", "batch_size=4", "--out", str(tmp_path / "two")],
-                         env=_env(), capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    two = torchrun_mhmoe([*base, "--out", str(tmp_path / "two")], tmp_path / "logs")
+    assert two.returncode == 0, rank_logs(tmp_path / "logs")[0][-2000:]
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(l1) == len(l2) == 3
     for a, b in zip(l1, l2):
         assert abs(a - b) < 1e-4 * abs(a)
+    assert (tmp_path / "two" / "checkpoints" / "step_0000003").is_dir()  # DDP: rank 0 writes native checkpoints
+
+
+@pytest.mark.parametrize("tokens, batch, world, want", [
+    (512, 8, 1, (8, 1)),  # one process: batch_size x accumulation, as configured
+    (1024, 8, 1, (8, 2)),
+    (1024, 4, 2, (4, 2)),  # a whole number of batch_size x world micro-batches: batch_size per process
+    (512, 8, 2, (4, 1)),  # derived: the 1-process micro-batch dealt out to the ranks, same accumulation
+    (1024, 8, 4, (2, 2)),
+    (3 * 512, 8, 4, (2, 3)),
+    (6 * 64, 6, 4, None),  # 6 rows over 4 processes: refused
+    (12 * 64, 6, 8, None),
+    (6 * 64, 3, 2, (3, 1)),
+    (18 * 64, 6, 3, (6, 1)),
+    (12 * 64, 3, 2, (3, 2)),
+    (20 * 64, 4, 5, (4, 1)),
+    (10 * 64, 5, 2, (5, 1)),
+    (15 * 64, 5, 3, (5, 1)),
+    (12 * 64, 6, 4, (3, 1)),  # neither fits: the largest divisor of the 3 rows per process within batch_size
+    (24 * 64, 4, 3, (4, 2)),
+    (20 * 64, 10, 4, (5, 1)),
+])
+def test_micro_batches_keep_the_global_batch(tokens, batch, world, want):
+    from mhmoe.errors import ConfigError
+    from mhmoe.training.config import micro_batches
+
+    cfg = preset("smoke", "smoe").replace(tokens_per_step=tokens, batch_size=batch)
+    if want is None:
+        with pytest.raises(ConfigError, match=r"cannot be split evenly over \d+ processes; use --set tokens_per_step="):
+            micro_batches(cfg, world)
+        return
+    micro, accum = micro_batches(cfg, world)
+    assert (micro, accum) == want and micro * accum * world * cfg.seq_len == tokens and micro <= batch
+
+
+def test_derived_micro_batches_draw_the_one_process_rows():
+    """batch_size 8, 2 micro-batches of 8 rows per step on one process; on 4 processes each rank's micro-batch is
+    its quarter of the 1-process micro-batch."""
+    import numpy as np
+
+    from mhmoe.data.cache import TokenizedCorpus
+    from mhmoe.data.sampler import TrainSampler
+    from mhmoe.training.config import micro_batches
+
+    corpus = TokenizedCorpus("n", np.arange(10_000, dtype=np.uint16), np.array([0, 10_000]))
+    cfg = preset("smoke", "smoe").replace(tokens_per_step=1024)
+    assert micro_batches(cfg, 1) == (8, 2) and micro_batches(cfg, 4) == (2, 2)
+    for m in range(2):
+        one = TrainSampler(corpus, cfg.seq_len, 8, cfg.seed).batch(5, m)[0]
+        ranks = [TrainSampler(corpus, cfg.seq_len, 2, cfg.seed, r, 4).batch(5, m)[0] for r in range(4)]
+        assert torch.equal(torch.cat(ranks), one)
 
 
 def test_second_process_on_a_run_dir_is_refused_and_a_killed_holder_frees_it(tmp_path, cache, capsys):
