@@ -65,6 +65,7 @@ class MoELayer(nn.Module):
             z_loss=z,
             router_entropy=router_entropy(routing.logits).detach(),
             tokens_per_expert=stats.tokens_per_expert,
-            dropped_fraction=torch.tensor(stats.dropped / max(1, routing.indices.numel()), device=x.device),
+            # A 0-d tensor of the device from the dispatcher: no host sync.
+            dropped_fraction=torch.as_tensor(stats.dropped, device=x.device).float() / max(1, routing.indices.numel()),
         )
         return y.reshape(shape), aux

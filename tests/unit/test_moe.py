@@ -1,4 +1,5 @@
-"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes, dropping, shapes."""
+"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes, dropping, shapes; double
+backward."""
 
 import math
 
@@ -9,11 +10,12 @@ from reference import reference_forward
 
 from mhmoe import ConfigError, FFNConfig, build_ffn
 from mhmoe.complexity import solve_parity
+from mhmoe.layers.sorted_experts import DoubleBackwardError
 
 
 @pytest.mark.parametrize(
     "name, dispatch",
-    [(n, d) for n in VARIANTS for d in ("sorted", "grouped_mm") if not (n == "dense" and d == "grouped_mm")],
+    [(n, d) for n in VARIANTS for d in ("auto", "sorted", "grouped_mm") if not (n == "dense" and d != "auto")],
 )
 def test_fast_path_equals_reference_fp32(name, dispatch):
     cfg = VARIANTS[name]
@@ -37,7 +39,7 @@ def test_fast_path_equals_reference_fp32(name, dispatch):
         assert_close_scaled(a, b, 1e-5, f"grad {n}")
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", ["auto", "sorted", "grouped_mm"])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
 def test_fast_path_equals_reference_bf16(name, dispatch):
     cfg = VARIANTS[name].replace(dispatch=dispatch)
@@ -98,9 +100,10 @@ def test_aux_statistics_and_no_global_state():
     assert dense_aux.loss.item() == 0 and dense_aux.lb_loss.item() == 0 and dense_aux.tokens_per_expert.numel() == 0
 
 
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm"])  # compacted rows; rows kept with weight 0
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
-def test_capacity_dropping_matches_reference_in_training(name):
-    cfg = VARIANTS[name].replace(capacity_factor=0.5)
+def test_capacity_dropping_matches_reference_in_training(name, dispatch):
+    cfg = VARIANTS[name].replace(capacity_factor=0.5, dispatch=dispatch)
     layer = _make(cfg)
     layer.train()
     x = torch.randn(2, 6, D, requires_grad=True)
@@ -137,3 +140,23 @@ def test_paper_configs_build_with_expected_shapes():
     assert tuple(layer.router.weight.shape) == (96, 256)
     assert tuple(build_ffn(smoe).experts.w2.shape) == (8, 2048, 768)
 
+
+
+def test_double_backward_of_the_sorted_experts_raises_a_clear_error():
+    layer = _make(VARIANTS["mhmoe-h2"].replace(dispatch="sorted"))
+    x = torch.randn(2, 3, D, requires_grad=True)
+    y, _ = layer(x)
+    with pytest.raises(DoubleBackwardError, match="first-order backward only"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)  # a gradient penalty's first step
+
+
+def test_grouped_mm_is_twice_differentiable_like_the_reference():
+    """The way out the error names: grouped_mm's gradient penalty equals the reference's."""
+    layer = _make(VARIANTS["mhmoe-h2"].replace(dispatch="grouped_mm"))
+    x = torch.randn(2, 3, D, requires_grad=True)
+    out = []
+    for fn in (lambda t: layer(t)[0], lambda t: reference_forward(layer, t)):
+        gx, = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        out.append(_grads(layer, x, gx.square().sum(), torch.ones(())))
+    for n, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], *out):
+        assert_close_scaled(a, b, 1e-4, f"second-order grad {n}")

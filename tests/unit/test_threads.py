@@ -8,7 +8,7 @@ from helpers import VARIANTS, D, _grads, _make, assert_close_scaled
 from reference import reference_forward
 
 from mhmoe import ConfigError, FFNConfig, build_ffn
-from mhmoe.layers.sorted_experts import sorted_experts
+from mhmoe.layers.sorted_experts import sorted_experts_rows
 from mhmoe.layers.threads import (
     MIN_EXPERTS_PER_WORKER,
     _worker_pool,
@@ -75,7 +75,7 @@ def test_inter_expert_threads_in_bf16_and_with_capacity(two_threads):
 
 
 def test_uncombined_rows_path_with_workers_equals_one_worker(two_threads):
-    """rows=None, w=None (the path of `_run_sorted`, used by expert parallelism): outputs and gradients."""
+    """mode="rows" (the path of `_run_sorted`, used by expert parallelism): outputs and gradients."""
     torch.manual_seed(0)
     S, E, Din, Fh = 60, 9, 8, 12
     sizes = [7, 0, 11, 5, 9, 0, 13, 6, 9]
@@ -85,7 +85,7 @@ def test_uncombined_rows_path_with_workers_equals_one_worker(two_threads):
         xs = torch.randn(S, Din, requires_grad=True)
         ws = [torch.randn(E, Din, Fh, requires_grad=True), torch.randn(E, Din, Fh, requires_grad=True),
               torch.randn(E, Fh, Din, requires_grad=True)]
-        y = sorted_experts(xs, None, *ws, None, sizes, S, workers=workers)
+        y = sorted_experts_rows(xs, *ws, sizes, workers=workers)
         y.backward(torch.ones_like(y))
         res.append([y.detach(), xs.grad] + [w.grad for w in ws])
     for a, b in zip(*res):
@@ -185,3 +185,4 @@ def test_bad_threading_value_names_the_field():
                                           r"'intra-op', 'inter-expert'"):
         FFNConfig(threading="many")
     assert build_ffn(FFNConfig(dim=D, hidden_dim=8, threading="intra-op")).experts.threading == "intra-op"
+
