@@ -29,7 +29,9 @@ S'/T rows each) concurrently in T worker threads of one intra-op thread each, in
 with every matmul split T ways ("intra-op"). The small matmuls of many fine experts (MH-MoE h=3: 96 experts of
 [~384 x D/3] x [D/3 x F']) gain little from intra-op threads. Each range adds into its own [N, Din] output (and dX)
 buffer, summed after the join, so the result is deterministic for a given T. "auto" picks inter-expert on CPU when
-every worker gets at least `MIN_EXPERTS_PER_WORKER` experts.
+every worker gets at least `MIN_EXPERTS_PER_WORKER` experts. Forward and backward each run on the caller's thread
+alone while a thread-local tool watches (a dispatch or function mode such as FlopCounterMode, or the profiler):
+`threads.tools_watching`.
 
 Weights are stacked [E, ...]; the generic sorted path splits them with `unbind(0)` once per forward: indexing
 W[e] inside the loop would make autograd build a full-size zero gradient per expert (O(E * |W|) in backward).
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mhmoe.layers.threads import expert_ranges, run_ranges
+from mhmoe.layers.threads import expert_ranges, run_ranges, tools_watching
 
 Mode = Literal["combine", "rows"]
 MODES: tuple[Mode, ...] = ("combine", "rows")
@@ -160,7 +162,8 @@ class SortedExpertsFn(torch.autograd.Function):
         xc, w, w1c, w3c, w2c, rows, h1, h3 = ctx.saved_tensors
         sizes, dt, combine = ctx.sizes, ctx.dt, ctx.combine
         need_x, need_w, need_1, need_3, need_2 = ctx.needs_input_grad[1:6]
-        workers = ctx.workers
+        # A tool may watch the backward alone (FlopCounterMode around loss.backward()): decide again here.
+        workers = 1 if tools_watching() else ctx.workers
         need_w = need_w and combine
         E, Din, Fh = w1c.shape
         acc = acc_dtype(dt)
@@ -213,12 +216,13 @@ class SortedExpertsFn(torch.autograd.Function):
                     if need_3:
                         torch.mm(xe.t(), gh3, out=g3[e])
                     if need_x:
+                        # addmm with out=, not addmm_: the same kernel, and FlopCounterMode counts aten.addmm only.
                         if not combine:
                             ge_x = torch.mm(gh1, w1c[e].t(), out=gx[sl])
-                            ge_x.addmm_(gh3, w3c[e].t())
+                            torch.addmm(ge_x, gh3, w3c[e].t(), out=ge_x)
                         else:
                             ge_x = gh1 @ w1c[e].t()
-                            ge_x.addmm_(gh3, w3c[e].t())
+                            torch.addmm(ge_x, gh3, w3c[e].t(), out=ge_x)
                             gx.index_add_(0, rows[sl], ge_x if ge_x.dtype == acc else ge_x.to(acc))
 
             run_ranges(run, ranges, gy.device, workers)

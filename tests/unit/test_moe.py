@@ -1,5 +1,5 @@
-"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes, dropping, shapes; double
-backward."""
+"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes, dropping, shapes; empty
+batches; double backward."""
 
 import math
 
@@ -140,6 +140,19 @@ def test_paper_configs_build_with_expected_shapes():
     assert tuple(layer.router.weight.shape) == (96, 256)
     assert tuple(build_ffn(smoe).experts.w2.shape) == (8, 2048, 768)
 
+
+
+@pytest.mark.parametrize("dispatch", ["auto", "grouped_mm"])
+@pytest.mark.parametrize("name", ["smoe", "mhmoe-h3-shared"])
+def test_an_empty_batch_gives_zero_aux_losses(name, dispatch, two_threads):
+    layer = _make(VARIANTS[name].replace(dispatch=dispatch, threading="inter-expert", capacity_factor=0.5)).train()
+    x = torch.randn(0, 4, D, requires_grad=True)
+    y, aux = layer(x)
+    for field in ("loss", "lb_loss", "z_loss", "router_entropy", "dropped_fraction"):
+        assert getattr(aux, field).item() == 0.0, field  # not NaN (means over no tokens)
+    (y.sum() + aux.loss).backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(p.grad is None or not p.grad.isnan().any() for p in layer.parameters())
 
 
 def test_double_backward_of_the_sorted_experts_raises_a_clear_error():
