@@ -1,5 +1,5 @@
-"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes, dropping, shapes; empty
-batches; double backward."""
+"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes (bf16 weights, fp32 weights
+under bf16 autocast), dropping, shapes; empty batches; double backward."""
 
 import math
 
@@ -140,6 +140,32 @@ def test_paper_configs_build_with_expected_shapes():
     assert tuple(layer.router.weight.shape) == (96, 256)
     assert tuple(build_ffn(smoe).experts.w2.shape) == (8, 2048, 768)
 
+
+
+@pytest.mark.parametrize("name, dispatch", [
+    (n, d) for n in ("smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3-shared") for d in ("sorted", "grouped_mm")
+    if (n, d) != ("fine-grained", "grouped_mm")  # hidden_dim 20: not grouped_mm's 16-byte rows
+])
+def test_bf16_autocast_with_fp32_weights_matches_the_fp32_routing_reference(name, dispatch, two_threads):
+    """Mixed-precision training: fp32 parameters, bf16 autocast; the reference routes in fp32 as the layer does."""
+    threading = "inter-expert" if dispatch == "sorted" else "auto"  # the worker threads under autocast too
+    layer = _make(VARIANTS[name].replace(dispatch=dispatch, threading=threading)).train()
+    with torch.no_grad():  # experts 0 and 1 nearly tie for every sub-token: a router in bf16 would flip many
+        layer.router.weight[1] = layer.router.weight[0] + 1e-3 * torch.randn_like(layer.router.weight[0])
+    x = torch.randn(2, 8, D, requires_grad=True)
+    g = torch.randn(2, 8, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    fast = _grads(layer, x, y, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = reference_forward(layer, x)
+    ref = _grads(layer, x, y_ref, g)
+    assert y.dtype == torch.bfloat16 and aux.lb_loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+    assert_close_scaled(y, y_ref, 2e-2, "output")
+    for n, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], fast, ref):
+        assert a.dtype == b.dtype == torch.float32  # gradients in the parameters' (and input's) dtype
+        assert_close_scaled(a, b, 3e-2, f"grad {n}")
 
 
 @pytest.mark.parametrize("dispatch", ["auto", "grouped_mm"])
