@@ -4,12 +4,33 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)  # two xdist workers on two cores: one thread each avoids oversubscription
+
+def _pin_threads_under_xdist() -> None:
+    """The suite runs at torch's default thread count, as users do (the expert threading, FLOP counters and
+    profilers are only exercised with > 1 thread). Only xdist workers that would together oversubscribe the cores
+    (make test: -n 2 on 2 cores) get cores // workers threads each; tests that need 2 threads set them (fixture
+    `two_threads`)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > 1 and workers * torch.get_num_threads() > cores:
+        torch.set_num_threads(max(1, cores // workers))
+
+
+_pin_threads_under_xdist()
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def two_threads():
+    """torch at 2 threads for the test (the default on a 2-core machine), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def shared_data_root() -> Path:

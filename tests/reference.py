@@ -2,6 +2,8 @@
 
 Loops over tokens, heads and chosen experts with plain matmuls on each expert's own weight slice. It reads the
 parameters of a real layer, so the fast path and the reference compute the same function of the same weights.
+Under autocast it routes in float32 as the layer does (the rest in autocast's dtype), so it is the reference for
+mixed-precision tests too.
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ def reference_forward(layer: torch.nn.Module, x: torch.Tensor, capacity: int | N
     tokens = x.reshape(-1, cfg.dim)
     head_out = tokens @ layer.head.weight.t() if layer.head is not None else tokens
 
-    # Route every sub-token (router in float32, as the layer does).
+    # Route every sub-token in float32, as the layer does: autocast off, or its matmul would run in bf16 and
+    # near-ties would route differently from the layer.
     subs, routes = [], []
     for t in range(tokens.shape[0]):
         for j in range(cfg.heads):
             sub = head_out[t, j * cfg.head_dim : (j + 1) * cfg.head_dim]
-            probs = (sub.float() @ layer.router.weight.float().t()).softmax(-1)
-            w, idx = probs.topk(cfg.top_k)
-            if cfg.renormalizes:  # top_k > 1 under 'auto', as the authors' top-k gate
-                w = w / w.sum()
+            with torch.autocast(x.device.type, enabled=False):
+                probs = (sub.float() @ layer.router.weight.float().t()).softmax(-1)
+                w, idx = probs.topk(cfg.top_k)
+                if cfg.renormalizes:  # top_k > 1 under 'auto', as the authors' top-k gate
+                    w = w / w.sum()
             subs.append(sub)
             routes.append((w, [int(i) for i in idx]))
 

@@ -13,7 +13,7 @@ Face transformers' own Mixtral sparse MoE block of the SMoE's sizes (top-1, 8 ex
 weights and checked to compute the same function before anything is timed (Mixtral renormalises its top-k
 weights, which at top-1 is a weight of 1: compared against our layer with `renormalize="always"`).
 
-Implementations of our MoE variants (`--impls`): `sorted` (the layer as built, threading="auto"), `grouped_mm`
+Implementations of our MoE variants (`--impls`): `sorted` (dispatch="sorted", threading="auto"), `grouped_mm`
 (the same parameters with dispatch="grouped_mm"), `naive` (`naive_forward`: the common per-expert loop that
 indexes W[e]) and `intra-op` (threading="intra-op": the expert loop never split across threads; only at
 --threads > 1, where "auto" runs MH-MoE's ranges of experts concurrently). Every one is checked against `sorted`

@@ -33,6 +33,8 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
     smoe_layer = None
     for i, (name, cfg) in enumerate(layer_variants(args.dim, args.hidden_dim, args.num_experts).items()):
         torch.manual_seed(args.seed + i)
+        if cfg.kind == "moe":  # the `sorted` impl is sorted on every device (the default "auto" is grouped_mm on CUDA)
+            cfg = cfg.replace(dispatch="sorted")
         layer = build_ffn(cfg).to(x.device, dtype)
         flops = flops_per_token(cfg).total * args.tokens
         if cfg.kind == "dense":

@@ -50,7 +50,7 @@ from torch import nn
 
 from mhmoe.bitnet.quant import dequant, quant_dtypes, quantize_act, quantize_weight
 from mhmoe.layers.attention import Attention
-from mhmoe.layers.experts import Experts
+from mhmoe.layers.experts import Experts, Implementation, gathered_experts, resolve_dispatch
 from mhmoe.layers.ffn import SwiGLU
 from mhmoe.layers.moe import MoELayer
 from mhmoe.layers.norm import RMSNorm
@@ -129,12 +129,16 @@ def expert_rows(sx: torch.Tensor, acc13: tuple[torch.Tensor, torch.Tensor], g1: 
 class BitExperts(Experts):
     """Experts with ternary weights (one gamma per expert and matrix) and 8-bit per-row activations.
 
-    Same stacked parameters and dispatch as `Experts` (sorted: unbind once, one matmul per contiguous group; or
-    grouped_mm). Sub-norms: `w2_norm` on every expert's down-projection input, `in_norm` (only when the layer has
-    a head projection) on the sub-tokens before dispatch.
+    Same stacked parameters and dispatch as `Experts` (sorted: one matmul per contiguous group; or grouped_mm;
+    "auto" resolved as there, for the quantised matmul dtype). Every dispatch goes through `gathered_experts`:
+    gather, this class's quantised `_run_sorted`, weighted combine, under autograd (no fused kernel).
+    Sub-norms: `w2_norm` on every expert's down-projection input, `in_norm` (only when the layer has a head
+    projection) on the sub-tokens before dispatch.
     """
 
-    def __init__(self, num_experts: int, in_dim: int, hidden_dim: int, dispatch: str = "sorted",
+    implementations = {"sorted": gathered_experts, "grouped_mm": gathered_experts}
+
+    def __init__(self, num_experts: int, in_dim: int, hidden_dim: int, dispatch: str = "auto",
                  in_norm: bool = False, eps: float = 1e-5) -> None:
         super().__init__(num_experts, in_dim, hidden_dim, dispatch)
         self._make_norms(in_norm, eps, self.w1.device)
@@ -169,14 +173,19 @@ class BitExperts(Experts):
                 x = F.rms_norm(x.float(), (self.in_dim,), self.in_norm.weight.float(), self.eps)
         return super().forward(x, indices, weights, capacity)
 
+    def resolved_dispatch(self, x: torch.Tensor) -> Implementation:
+        """As `Experts.resolved_dispatch`, for the dtype the quantised levels are multiplied in."""
+        return resolve_dispatch(self.dispatch, x.device, self.in_dim, self.hidden_dim, quant_dtypes(x)[0])
+
     def _run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         E = self.num_experts
         mm, out = quant_dtypes(xs)
+        grouped = self.resolved_dispatch(xs) == "grouped_mm"
         with torch.autocast(xs.device.type, enabled=False):
             qx, sx = quantize_act(xs.float())  # [S', Din], [S', 1]: one scale per assignment row
             (q1, g1), (q3, g3), (q2, g2) = (quantize_weight(w, E) for w in (self.w1, self.w3, self.w2))
             gains = self.w2_norm.weight.float()  # [E, F]
-            if self.dispatch == "grouped_mm":
+            if grouped:
                 S = xs.shape[0]
                 offs = torch.cumsum(counts, 0).to(torch.int32)
                 row_e = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=S)  # [S']

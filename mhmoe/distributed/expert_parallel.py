@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mhmoe.errors import ConfigError
-from mhmoe.layers.experts import DispatchStats, Experts
+from mhmoe.layers.experts import DispatchStats, Experts, drop_over_capacity
 from mhmoe.layers.moe import MoELayer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,11 +104,8 @@ class ExpertParallelExperts(Experts):
         counts = torch.bincount(flat, minlength=E)  # [E]
         stats = DispatchStats(tokens_per_expert=counts, dropped=0)
         if capacity is not None:  # the same per-rank drop as Experts.forward, before anything is sent
-            starts = torch.cumsum(counts, 0) - counts
-            pos = torch.arange(order.numel(), device=x.device) - starts[flat[order]]
-            order = order[pos < capacity]
-            counts = counts.clamp(max=capacity)
-            stats.dropped = int(N * K - order.numel())
+            keep, counts, stats.dropped = drop_over_capacity(flat[order], counts, capacity)
+            order = order[keep]
         xs = x.index_select(0, order // K)  # [S', Din] sorted by expert
         send = counts.view(P, El)  # rows for rank p's local expert j
         recv = torch.empty_like(send)  # rows from rank p for my local expert j

@@ -17,7 +17,7 @@ import torch
 from mhmoe.configbase import Config
 from mhmoe.errors import ConfigError
 
-Dispatch = Literal["sorted", "grouped_mm"]
+Dispatch = Literal["auto", "sorted", "grouped_mm"]
 Renormalize = Literal["auto", "always", "never"]
 Scoring = Literal["softmax", "sigmoid"]
 Balancing = Literal["aux_loss", "bias", "both"]
@@ -63,8 +63,10 @@ class FFNConfig(Config):
         jitter: multiplicative input jitter eps for the router in training (0 = off).
         capacity_factor: 0 = dropless (default); > 0 drops assignments beyond
             ceil(capacity_factor * N * K / E) per expert, in training only.
-        dispatch: "sorted" (sort by expert, one matmul per contiguous group) or "grouped_mm"
-            (torch's grouped GEMM over the same sorted layout).
+        dispatch: "auto" (default: grouped_mm on CUDA, sorted on CPU and wherever grouped_mm cannot run; chosen
+            per call for the input's device), "sorted" (sort by expert, one fused matmul loop over the contiguous
+            groups, CPU threads; one host sync) or "grouped_mm" (torch's grouped GEMM over the same sorted layout;
+            no host sync). See mhmoe/layers/experts.py.
         recompute: keep no [N*K, F] expert activations for the backward and recompute the experts' W1/W3
             products there instead (less memory, 2/9 more expert matmul FLOPs in training; sorted dispatch).
         threading: how CPU threads share the experts (sorted dispatch; no effect on CUDA or at 1 thread):
@@ -90,7 +92,7 @@ class FFNConfig(Config):
     z_coef: float = 0.0
     jitter: float = 0.0
     capacity_factor: float = 0.0
-    dispatch: Dispatch = "sorted"
+    dispatch: Dispatch = "auto"
     recompute: bool = False
     threading: Threading = "auto"
 

@@ -63,7 +63,8 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(tokens)
         sequences = shape[0] if x.dim() == 3 else 1  # an [N, D] input counts as one sequence
-        dropped = torch.tensor(stats.dropped / max(1, routing.indices.numel()), device=x.device)
+        # A 0-d tensor of the device from the dispatcher: no host sync.
+        dropped = torch.as_tensor(stats.dropped, device=x.device).float() / max(1, routing.indices.numel())
         return y.reshape(shape), moe_aux(cfg, routing, stats.tokens_per_expert, dropped, sequences)
 
 

@@ -94,29 +94,45 @@ class TopKRouter(nn.Module):
                 f"scoring={self.scoring}{bias}")
 
 
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] long: how many of the assignments `indices` (any shape) go to each expert. A scatter into [E], not
+    torch.bincount, which sizes its output from max(indices) and so syncs with the host on CUDA."""
+    flat = indices.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch/GShard auxiliary loss E * sum_e f_e * P_e, f_e counting all K choices; 1.0 when uniform.
 
     f_e (fraction of the N*K assignments sent to e) carries no gradient; P_e (mean router probability: softmax,
-    or the normalised sigmoid scores) does.
+    or the normalised sigmoid scores) does. 0 for an empty batch (no tokens), where the means would be NaN.
     """
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype)  # [E]
+    if indices.numel() == 0:
+        return probs.sum()  # 0, still attached to the graph
+    counts = expert_counts(indices, num_experts).to(probs.dtype)  # [E]
     f = counts / indices.numel()
     p = probs.mean(dim=0)  # [E]
     return num_experts * (f * p).sum()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean of logsumexp(logits)^2, keeps logits small."""
+    """Router z-loss (ST-MoE): mean of logsumexp(logits)^2, keeps logits small; 0 for an empty batch."""
+    if logits.numel() == 0:
+        return logits.sum()
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
 def router_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean entropy in nats of the softmax router distribution; log(E) when uniform."""
+    """Mean entropy in nats of the softmax router distribution; log(E) when uniform; 0 for an empty batch."""
+    if logits.numel() == 0:
+        return logits.sum()
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
 
 
 def probs_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean entropy in nats of rows of a distribution [N, E] (the normalised sigmoid scores); 0 log 0 = 0."""
+    """Mean entropy in nats of rows of a distribution [N, E] (the normalised sigmoid scores); 0 log 0 = 0; 0 for
+    an empty batch."""
+    if probs.numel() == 0:
+        return probs.sum()
     return -torch.special.xlogy(probs, probs).sum(dim=-1).mean()

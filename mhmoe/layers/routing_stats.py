@@ -47,7 +47,9 @@ def expert_activation(indices: torch.Tensor, sequences: int, num_experts: int) -
         raise ValueError(f"expert_activation: {n} rows do not split into {sequences} sequences")
     seq = torch.arange(n, device=indices.device) // (n // sequences)  # [N] sequence of each row
     cell = (seq.unsqueeze(1) * num_experts + indices).reshape(-1)  # [N*K] (sequence, expert) pair ids
-    hits = torch.bincount(cell, minlength=sequences * num_experts).view(sequences, num_experts) > 0  # [B, E]
+    # A scatter, not torch.bincount, which sizes its output from the data and so syncs with the host on CUDA.
+    counts = torch.zeros(sequences * num_experts, dtype=torch.long, device=cell.device)
+    hits = counts.scatter_add_(0, cell, torch.ones_like(cell)).view(sequences, num_experts) > 0  # [B, E]
     return hits.float().mean(dim=1).mean()
 
 

@@ -1,4 +1,5 @@
-"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes, dropping, shapes."""
+"""The MoE / MH-MoE layer against the slow reference: outputs, every gradient, dtypes (bf16 weights, fp32 weights
+under bf16 autocast), dropping, shapes; empty batches; double backward."""
 
 import math
 
@@ -9,11 +10,12 @@ from reference import reference_forward
 
 from mhmoe import ConfigError, FFNConfig, build_ffn
 from mhmoe.complexity import solve_parity
+from mhmoe.layers.sorted_experts import DoubleBackwardError
 
 
 @pytest.mark.parametrize(
     "name, dispatch",
-    [(n, d) for n in VARIANTS for d in ("sorted", "grouped_mm") if not (n == "dense" and d == "grouped_mm")],
+    [(n, d) for n in VARIANTS for d in ("auto", "sorted", "grouped_mm") if not (n == "dense" and d != "auto")],
 )
 def test_fast_path_equals_reference_fp32(name, dispatch):
     cfg = VARIANTS[name]
@@ -37,7 +39,7 @@ def test_fast_path_equals_reference_fp32(name, dispatch):
         assert_close_scaled(a, b, 1e-5, f"grad {n}")
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", ["auto", "sorted", "grouped_mm"])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
 def test_fast_path_equals_reference_bf16(name, dispatch):
     cfg = VARIANTS[name].replace(dispatch=dispatch)
@@ -98,9 +100,10 @@ def test_aux_statistics_and_no_global_state():
     assert dense_aux.loss.item() == 0 and dense_aux.lb_loss.item() == 0 and dense_aux.tokens_per_expert.numel() == 0
 
 
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm"])  # compacted rows; rows kept with weight 0
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
-def test_capacity_dropping_matches_reference_in_training(name):
-    cfg = VARIANTS[name].replace(capacity_factor=0.5)
+def test_capacity_dropping_matches_reference_in_training(name, dispatch):
+    cfg = VARIANTS[name].replace(capacity_factor=0.5, dispatch=dispatch)
     layer = _make(cfg)
     layer.train()
     x = torch.randn(2, 6, D, requires_grad=True)
@@ -137,3 +140,62 @@ def test_paper_configs_build_with_expected_shapes():
     assert tuple(layer.router.weight.shape) == (96, 256)
     assert tuple(build_ffn(smoe).experts.w2.shape) == (8, 2048, 768)
 
+
+
+@pytest.mark.parametrize("name, dispatch", [
+    (n, d) for n in ("smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3-shared") for d in ("sorted", "grouped_mm")
+    if (n, d) != ("fine-grained", "grouped_mm")  # hidden_dim 20: not grouped_mm's 16-byte rows
+])
+def test_bf16_autocast_with_fp32_weights_matches_the_fp32_routing_reference(name, dispatch, two_threads):
+    """Mixed-precision training: fp32 parameters, bf16 autocast; the reference routes in fp32 as the layer does."""
+    threading = "inter-expert" if dispatch == "sorted" else "auto"  # the worker threads under autocast too
+    layer = _make(VARIANTS[name].replace(dispatch=dispatch, threading=threading)).train()
+    with torch.no_grad():  # experts 0 and 1 nearly tie for every sub-token: a router in bf16 would flip many
+        layer.router.weight[1] = layer.router.weight[0] + 1e-3 * torch.randn_like(layer.router.weight[0])
+    x = torch.randn(2, 8, D, requires_grad=True)
+    g = torch.randn(2, 8, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    fast = _grads(layer, x, y, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = reference_forward(layer, x)
+    ref = _grads(layer, x, y_ref, g)
+    assert y.dtype == torch.bfloat16 and aux.lb_loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+    assert_close_scaled(y, y_ref, 2e-2, "output")
+    for n, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], fast, ref):
+        assert a.dtype == b.dtype == torch.float32  # gradients in the parameters' (and input's) dtype
+        assert_close_scaled(a, b, 3e-2, f"grad {n}")
+
+
+@pytest.mark.parametrize("dispatch", ["auto", "grouped_mm"])
+@pytest.mark.parametrize("name", ["smoe", "mhmoe-h3-shared"])
+def test_an_empty_batch_gives_zero_aux_losses(name, dispatch, two_threads):
+    layer = _make(VARIANTS[name].replace(dispatch=dispatch, threading="inter-expert", capacity_factor=0.5)).train()
+    x = torch.randn(0, 4, D, requires_grad=True)
+    y, aux = layer(x)
+    for field in ("loss", "lb_loss", "z_loss", "router_entropy", "dropped_fraction"):
+        assert getattr(aux, field).item() == 0.0, field  # not NaN (means over no tokens)
+    (y.sum() + aux.loss).backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(p.grad is None or not p.grad.isnan().any() for p in layer.parameters())
+
+
+def test_double_backward_of_the_sorted_experts_raises_a_clear_error():
+    layer = _make(VARIANTS["mhmoe-h2"].replace(dispatch="sorted"))
+    x = torch.randn(2, 3, D, requires_grad=True)
+    y, _ = layer(x)
+    with pytest.raises(DoubleBackwardError, match="first-order backward only"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)  # a gradient penalty's first step
+
+
+def test_grouped_mm_is_twice_differentiable_like_the_reference():
+    """The way out the error names: grouped_mm's gradient penalty equals the reference's."""
+    layer = _make(VARIANTS["mhmoe-h2"].replace(dispatch="grouped_mm"))
+    x = torch.randn(2, 3, D, requires_grad=True)
+    out = []
+    for fn in (lambda t: layer(t)[0], lambda t: reference_forward(layer, t)):
+        gx, = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        out.append(_grads(layer, x, gx.square().sum(), torch.ones(())))
+    for n, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], *out):
+        assert_close_scaled(a, b, 1e-4, f"second-order grad {n}")

@@ -5,7 +5,7 @@ import torch
 from helpers import VARIANTS, D, _make
 
 from mhmoe import ConfigError, FFNConfig, build_ffn
-from mhmoe.layers.router import load_balancing_loss
+from mhmoe.layers.router import expert_counts, load_balancing_loss, router_entropy, z_loss
 
 
 def test_router_runs_in_float32_under_autocast():
@@ -89,3 +89,20 @@ def test_renormalize_default_follows_the_authors_and_old_booleans_load():
     with pytest.raises(ConfigError, match="FFNConfig.renormalize: 'sometimes' is not allowed; use one of 'auto'"):
         FFNConfig().override("renormalize", "sometimes")
 
+
+
+def test_aux_losses_of_an_empty_batch_are_zero_not_nan():
+    router = _make(VARIANTS["mhmoe-h2"]).router
+    routing = router(torch.randn(0, D // 2, requires_grad=True))
+    E = router.num_experts
+    for loss in (load_balancing_loss(routing.probs, routing.indices, E), z_loss(routing.logits),
+                 router_entropy(routing.logits)):
+        assert loss.shape == () and loss.item() == 0.0
+    load_balancing_loss(routing.probs, routing.indices, E).backward()  # still part of the graph
+    assert router.weight.grad is not None and not router.weight.grad.isnan().any()
+
+
+def test_expert_counts_equal_bincount():
+    idx = torch.randint(7, (13, 3))
+    assert torch.equal(expert_counts(idx, 9), torch.bincount(idx.reshape(-1), minlength=9))
+    assert expert_counts(idx[:0], 9).tolist() == [0] * 9

@@ -1,31 +1,29 @@
-"""CPU threading of the expert loop: inter-expert ranges on worker threads equal the serial loop and the reference."""
+"""CPU threading of the expert loop: inter-expert ranges on worker threads equal the serial loop and the reference;
+thread-local tools (dispatch and function modes, FLOP counter, profiler) see every expert."""
 
+import contextlib
 import threading
 
 import pytest
 import torch
 from helpers import VARIANTS, D, _grads, _make, assert_close_scaled
 from reference import reference_forward
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from mhmoe import ConfigError, FFNConfig, build_ffn
-from mhmoe.layers.sorted_experts import sorted_experts
+from mhmoe.layers.sorted_experts import sorted_experts_rows
 from mhmoe.layers.threads import (
     MIN_EXPERTS_PER_WORKER,
     _worker_pool,
     expert_ranges,
     expert_workers,
     run_ranges,
+    tools_watching,
 )
 
 MOE = [n for n in VARIANTS if VARIANTS[n].kind == "moe"]
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -75,7 +73,7 @@ def test_inter_expert_threads_in_bf16_and_with_capacity(two_threads):
 
 
 def test_uncombined_rows_path_with_workers_equals_one_worker(two_threads):
-    """rows=None, w=None (the path of `_run_sorted`, used by expert parallelism): outputs and gradients."""
+    """mode="rows" (the path of `_run_sorted`, used by expert parallelism): outputs and gradients."""
     torch.manual_seed(0)
     S, E, Din, Fh = 60, 9, 8, 12
     sizes = [7, 0, 11, 5, 9, 0, 13, 6, 9]
@@ -85,7 +83,7 @@ def test_uncombined_rows_path_with_workers_equals_one_worker(two_threads):
         xs = torch.randn(S, Din, requires_grad=True)
         ws = [torch.randn(E, Din, Fh, requires_grad=True), torch.randn(E, Din, Fh, requires_grad=True),
               torch.randn(E, Fh, Din, requires_grad=True)]
-        y = sorted_experts(xs, None, *ws, None, sizes, S, workers=workers)
+        y = sorted_experts_rows(xs, *ws, sizes, workers=workers)
         y.backward(torch.ones_like(y))
         res.append([y.detach(), xs.grad] + [w.grad for w in ws])
     for a, b in zip(*res):
@@ -186,3 +184,64 @@ def test_bad_threading_value_names_the_field():
                                           r"'intra-op', 'inter-expert'"):
         FFNConfig(threading="many")
     assert build_ffn(FFNConfig(dim=D, hidden_dim=8, threading="intra-op")).experts.threading == "intra-op"
+
+
+class _Recorder(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Passthrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tool", ["none", "dispatch-mode", "function-mode", "flop-counter", "profiler"])
+def test_workers_fall_back_to_the_callers_thread_while_a_tool_watches(tool, two_threads):
+    many = [3] * (MIN_EXPERTS_PER_WORKER * 2)
+    ctx = {"none": contextlib.nullcontext, "dispatch-mode": _Recorder, "function-mode": _Passthrough,
+           "flop-counter": lambda: FlopCounterMode(display=False), "profiler": torch.profiler.profile}[tool]
+    with ctx():
+        assert tools_watching() == (tool != "none")
+        assert expert_workers("inter-expert", torch.device("cpu"), many) == (2 if tool == "none" else 1)
+    assert not tools_watching()
+
+
+def _mm_events(prof) -> int:
+    return sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm"))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_profiler_sees_every_expert_matmul_at_two_threads(recompute, two_threads):
+    layer = _make(VARIANTS["mhmoe-h3-shared"].replace(threading="inter-expert", recompute=recompute))
+    ex = layer.experts
+    sub = torch.randn(40, ex.in_dim, requires_grad=True)
+    with torch.no_grad():  # the router's own matmuls stay out of the profile
+        routing = layer.router(sub)
+    weights = routing.weights.clone().requires_grad_()
+    nonempty = int((routing.indices.reshape(-1).bincount(minlength=ex.num_experts) > 0).sum())
+    assert nonempty >= 2  # two ranges, so the unwatched layer would use the workers
+    with torch.profiler.profile() as prof:
+        y, _ = ex(sub, routing.indices, weights)
+    assert _mm_events(prof) == 3 * nonempty  # x W1, x W3, h W2 per expert
+    g = torch.randn_like(y)
+    with torch.profiler.profile() as prof:
+        y.backward(g)
+    # dA = dY W2^T, dW2, dW1, dW3, dX = dH1 W1^T (+ dH3 W3^T, addmm); recompute adds x W1, x W3 again.
+    assert _mm_events(prof) == (8 if recompute else 6) * nonempty
+
+
+def test_flop_counter_around_the_backward_alone_sees_the_expert_matmuls(two_threads):
+    layer = _make(VARIANTS["mhmoe-h3-shared"].replace(threading="inter-expert"))
+    ex = layer.experts
+    sub = torch.randn(40, ex.in_dim, requires_grad=True)
+    with torch.no_grad():
+        routing = layer.router(sub)
+    weights = routing.weights.clone().requires_grad_()
+    with FlopCounterMode(display=False) as fwd:
+        ex(sub, routing.indices, weights)
+    y2, _ = ex(sub, routing.indices, weights)  # forward unwatched: it may use the workers
+    with FlopCounterMode(display=False) as bwd:
+        y2.backward(torch.randn_like(y2))
+    assert fwd.get_total_flops() == 2 * 3 * 40 * 3 * ex.in_dim * ex.hidden_dim  # 2 * 3 matmuls * S * Din * F
+    assert bwd.get_total_flops() == 2 * fwd.get_total_flops()  # dX and dW for each of the 3 matmuls
