@@ -19,6 +19,31 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str] | None:
+    """The native-bf16 flags this CPU reports (avx512_bf16, amx_bf16, Arm bf16); None when it cannot tell."""
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return flags & {"avx512_bf16", "amx_bf16", "bf16"} if flags else None
+
+
+def bf16_hint(cpuinfo: str | None = None) -> str | None:
+    """The one-line hint `mhmoe train` prints for a float32 run on a CPU that computes bf16 natively, else None."""
+    flags = cpu_bf16_flags(cpuinfo)
+    if not flags:
+        return None
+    return (f"mhmoe train: hint: this CPU computes bfloat16 natively ({', '.join(sorted(flags))}); --set "
+            "dtype=bfloat16 may train faster. Measure it here with `mhmoe bench train --dtypes float32,bfloat16` "
+            "(the whole-model speedup at the tiny preset is not yet measured on such a CPU: benchmarks/RESULTS.md)")
+
+
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16, AMX or Arm BF16); True when it cannot tell.
 
@@ -26,16 +51,5 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     AVX2-only CPU (benchmarks/RESULTS.md), so bf16 there is a trap rather than a speed-up.
     cpuinfo: the text of /proc/cpuinfo (read when None).
     """
-    text = cpuinfo
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return True
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[-1].split())
-    if not flags:
-        return True
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    flags = cpu_bf16_flags(cpuinfo)
+    return True if flags is None else bool(flags)

@@ -63,7 +63,7 @@ from mhmoe.training.checkpoint import (
 )
 from mhmoe.training.config import TrainConfig, micro_batches
 from mhmoe.training.consolidate import consolidate
-from mhmoe.training.device import cpu_has_fast_bf16, resolve_device
+from mhmoe.training.device import bf16_hint, cpu_has_fast_bf16, resolve_device
 from mhmoe.training.evaluate import evaluate_corpus
 from mhmoe.training.optim import build_optimizer, lr_at, weight_decay_at
 from mhmoe.training.routing_health import RoutingMonitor
@@ -193,6 +193,9 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
     if cfg.dtype == "bfloat16" and par.device.type == "cpu" and par.rank == 0 and not cpu_has_fast_bf16():
         print("mhmoe train: warning: TrainConfig.dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX) "
               "runs matmuls ~100x slower than float32; use --set dtype=float32", file=sys.stderr, flush=True)
+    hint = bf16_hint() if cfg.dtype == "float32" and par.device.type == "cpu" and par.rank == 0 else None
+    if hint:
+        print(hint, file=sys.stderr, flush=True)
 
     writer = pbar = None
     if par.rank == 0:

@@ -306,3 +306,17 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, cache, monkeypat
     train(_cfg("smoe", steps=1, dtype="bfloat16"), tmp_path / "run", ROOT, cache, progress=False)
     err = capsys.readouterr().err
     assert err.count("dtype=bfloat16 on a CPU without native bf16") == 1 and "--set dtype=float32" in err
+
+
+def test_fp32_run_on_a_native_bf16_cpu_prints_one_hint(tmp_path, cache, monkeypatch, capsys):
+    import mhmoe.training.loop as T
+    from mhmoe.training.device import bf16_hint
+
+    assert bf16_hint("flags\t\t: fpu avx2 fma\n") is None and bf16_hint("") is None  # no bf16, or cannot tell
+    hint = bf16_hint("flags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert "amx_bf16, avx512_bf16" in hint and "--set dtype=bfloat16" in hint and "\n" not in hint
+    monkeypatch.setattr(T, "bf16_hint", lambda cpuinfo=None: hint)
+    train(_cfg("smoe", steps=1), tmp_path / "run", ROOT, cache, progress=False)
+    assert capsys.readouterr().err.count("hint: this CPU computes bfloat16 natively") == 1
+    train(_cfg("smoe", steps=2, dtype="bfloat16"), tmp_path / "bf16", ROOT, cache, progress=False)
+    assert "hint:" not in capsys.readouterr().err  # a bf16 run needs no hint
