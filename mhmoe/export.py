@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from mhmoe.bitnet.ternary import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, is_export_dir, ternary_state
 from mhmoe.errors import UserError
-from mhmoe.fileio import atomic_write_text
+from mhmoe.fileio import atomic_write_bytes, atomic_write_text
 from mhmoe.model import Transformer
 from mhmoe.training.rundir import load_checkpoint_model, load_config
 
@@ -62,9 +61,7 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> dict[st
     meta.update(step=str(step), source_run=str(run_dir.resolve()))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    atomic_write_bytes(out_dir / WEIGHTS_FILE, save(tensors, metadata=meta))
     atomic_write_text(out_dir / "config.json", cfg.to_json())
     shutil.copytree(run_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
 

@@ -17,7 +17,7 @@ from mhmoe.data.cache import tokenize_corpus
 from mhmoe.data.corpora import corpus_files, resolve_data_root
 from mhmoe.data.tokenizer import Tokenizer, build_tokenizer
 from mhmoe.errors import CheckpointError, ConfigError, UserError
-from mhmoe.fileio import atomic_write_text
+from mhmoe.fileio import atomic_write_text, sha256_file
 from mhmoe.model import Transformer
 from mhmoe.training.checkpoint import (
     find_checkpoint,
@@ -43,7 +43,7 @@ def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, root: Path, cache_dir: Pa
     d = cfg.data
     files = corpus_files(d.train_corpus, root)
     key_src = json.dumps([d.tokenizer, d.vocab_size, d.tokenizer_train_bytes, d.train_corpus,
-                          [(str(p.relative_to(root)), hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]])
+                          [(str(p.relative_to(root)), sha256_file(p)) for p in files]])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cached = cache_dir / "tokenizers" / f"{d.tokenizer}-{key}"
     if (cached / "tokenizer.json").is_file():
