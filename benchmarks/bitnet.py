@@ -3,7 +3,7 @@
     python benchmarks/bitnet.py [--variants dense,smoe,mhmoe-h3] [--preset demo] [--threads 1] [--rounds 7]
                                 [--batch 16] [--json]
 
-For each variant, the `demo` preset's model (mhmoe.presets.demo(variant).model, d=96, 4 layers, vocab 2048) is
+For each variant, the `demo` preset's model (mhmoe.training.presets.demo(variant).model, d=96, 4 layers, vocab 2048) is
 built with seed 0 in four forms that run the same architecture:
     fp32        the full-precision model (ModelConfig.bitnet=false), float32 weights
     bf16        the same model with every parameter and buffer cast to bfloat16 (routers still run in float32)

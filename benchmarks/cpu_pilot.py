@@ -1,7 +1,7 @@
 """The pilot behind the `cpu` preset: which model size and token budget give the narrowest seed-paired interval of
 SMoE vs MH-MoE h=3 per CPU-hour?
 
-Each candidate of `mhmoe.presets.cpu_scale` trains `smoe` and `mhmoe-h3` for a few seeds (1 thread per process;
+Each candidate of `mhmoe.training.presets.cpu_scale` trains `smoe` and `mhmoe-h3` for a few seeds (1 thread per process;
 run two processes on two cores, they share the runs through the run locks as `mhmoe reproduce --workers 2` does).
 Every periodic evaluation point of those runs is one point of the curve: the paired difference of mean eval loss
 (3 domains) per seed, its standard deviation over seeds, and the 95% half-width that 4 seeds would give with that

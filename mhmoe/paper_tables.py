@@ -14,7 +14,7 @@ DOMAIN_TITLES = {"redpajama": "RedPajama", "wikipedia": "Wiki", "c4": "C4"}
 @dataclass(frozen=True)
 class Row:
     label: str  # as printed in the paper
-    variant: str  # mhmoe.presets variant name
+    variant: str  # mhmoe.training.presets variant name
     bitnet: bool = False
 
 

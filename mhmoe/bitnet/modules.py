@@ -3,7 +3,7 @@
 Every model of the paper gets a BitNet twin through one entry point, `convert(model)` (or `ModelConfig.bitnet`,
 which calls it at the end of `Transformer.__init__`, after the initialisation, so the twin starts from exactly the
 weights of the full-precision model with the same seed): `mhmoe train --set model.bitnet=true`. The recipe's
-schedule is `--set optim.schedule=two_stage --set optim.wd_off_at=0.5` with a higher optim.lr (mhmoe.train).
+schedule is `--set optim.schedule=two_stage --set optim.wd_off_at=0.5` with a higher optim.lr (mhmoe.training.optim).
 
 Quantisation (b1.58, per forward; scales and roundings in float32 whatever autocast says, the matmul of the levels
 in autocast's dtype, which holds levels up to 127 exactly):
@@ -272,5 +272,5 @@ def convert(model: nn.Module, router: bool = False, eps: float | None = None) ->
     # A projection added to the model later must be classified here, not silently left in full precision.
     left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     if left:
-        raise NotImplementedError(f"mhmoe.bitnet.convert: no BitNet rule for nn.Linear {left[0]!r}")
+        raise NotImplementedError(f"mhmoe.bitnet.modules.convert: no BitNet rule for nn.Linear {left[0]!r}")
     return model

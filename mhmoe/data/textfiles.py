@@ -2,7 +2,7 @@
 
 Documents follow the built-in readers of `mhmoe.data`: a .txt file is one document (UTF-8, BOM dropped, CRLF -> LF),
 a .jsonl file holds one document per record's "text" field (blank texts dropped), and .txt.gz / .jsonl.gz are the
-same after gunzip. They are tokenised like `mhmoe.data.tokenize_corpus` does it (eos after every document), but in
+same after gunzip. They are tokenised like `mhmoe.data.cache.tokenize_corpus` does it (eos after every document), but in
 memory: a user's file has no stable place in the token cache and is usually small.
 
 Every problem raises `DataError` with one line that starts with the flag (`--text` or `--max-tokens`), names the

@@ -72,7 +72,7 @@ class ExpertParallelExperts(Experts):
     def __init__(self, experts: Experts, group=None) -> None:  # noqa: ANN001
         nn.Module.__init__(self)
         if type(experts) is not Experts:  # BitExperts (BitNet) carry per-expert norms and quantised kernels
-            raise NotImplementedError(f"expert parallelism supports mhmoe.experts.Experts, not {type(experts).__name__}")
+            raise NotImplementedError(f"expert parallelism supports mhmoe.layers.experts.Experts, not {type(experts).__name__}")
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)

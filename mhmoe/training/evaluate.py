@@ -1,7 +1,7 @@
 """Validation perplexity = exp(mean token NLL) on fixed, deterministic windows of each evaluation domain.
 
 Evaluation runs the model in eval mode: MoE layers never drop tokens there, so a token's loss does not depend on
-what else is in the batch. A user's own file or folder (`mhmoe eval RUN --text PATH`, read by mhmoe.textfiles) is
+what else is in the batch. A user's own file or folder (`mhmoe eval RUN --text PATH`, read by mhmoe.data.textfiles) is
 one more domain, "text:<name>", with the same tokenizer, windows and result fields.
 """
 
@@ -52,7 +52,7 @@ def evaluate_run(run_dir: Path, step: int | None = None, domains: list[str] | No
                  cache_dir: str | None = None, text: str | Path | None = None) -> dict[str, Any]:
     """Perplexity of a run's checkpoint (latest good one, or `step`) on each evaluation domain.
 
-    `text` (a file or folder, see mhmoe.textfiles) adds a "text:<name>" domain evaluated with the run's tokenizer
+    `text` (a file or folder, see mhmoe.data.textfiles) adds a "text:<name>" domain evaluated with the run's tokenizer
     and windows; then the built-in domains are evaluated only when `domains` is given. Its token cap is
     `max_tokens` (None = all of it, not the run's cap: the user asked for this text).
     """
