@@ -272,18 +272,9 @@ def _router_losses(routing: list[Routing], token_mask: torch.Tensor | None, head
     is given (each token's h sub-tokens count); equal to the native per-layer losses without padding."""
     lb = z = torch.zeros((), device=routing[0].logits.device)
     for r in routing:
-        if token_mask is None:
-            lb = lb + load_balancing_loss(r.probs, r.indices, num_experts)
-            z = z + z_loss(r.logits)
-            continue
-        m = token_mask.reshape(-1).to(r.probs.dtype).repeat_interleave(heads)  # [N] sub-token weights
-        n = m.sum().clamp(min=1)
-        K = r.indices.shape[1]
-        f = torch.zeros(num_experts, device=m.device, dtype=m.dtype).scatter_add_(
-            0, r.indices.reshape(-1), m.repeat_interleave(K)) / (n * K)
-        p = (r.probs * m[:, None]).sum(0) / n
-        lb = lb + num_experts * (f * p).sum()
-        z = z + (torch.logsumexp(r.logits, dim=-1).pow(2) * m).sum() / n
+        w = None if token_mask is None else token_mask.reshape(-1).repeat_interleave(heads)  # [N] sub-token weights
+        lb = lb + load_balancing_loss(r.probs, r.indices, num_experts, w)
+        z = z + z_loss(r.logits, w)
     return lb, z
 
 

@@ -101,24 +101,37 @@ def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard auxiliary loss E * sum_e f_e * P_e, f_e counting all K choices; 1.0 when uniform.
 
     f_e (fraction of the N*K assignments sent to e) carries no gradient; P_e (mean router probability: softmax,
     or the normalised sigmoid scores) does. 0 for an empty batch (no tokens), where the means would be NaN.
+    weights: [N] per-row weights (e.g. 0 for padding), making both means weighted; None = every row counts 1.
     """
     if indices.numel() == 0:
         return probs.sum()  # 0, still attached to the graph
+    if weights is not None:
+        w = weights.to(probs.dtype)  # [N]
+        n = w.sum().clamp(min=1)
+        K = indices.shape[1]
+        f = torch.zeros(num_experts, device=w.device, dtype=w.dtype).scatter_add_(
+            0, indices.reshape(-1), w.repeat_interleave(K)) / (n * K)  # [E]
+        return num_experts * (f * ((probs * w[:, None]).sum(0) / n)).sum()
     counts = expert_counts(indices, num_experts).to(probs.dtype)  # [E]
     f = counts / indices.numel()
     p = probs.mean(dim=0)  # [E]
     return num_experts * (f * p).sum()
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean of logsumexp(logits)^2, keeps logits small; 0 for an empty batch."""
+def z_loss(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean of logsumexp(logits)^2, keeps logits small; 0 for an empty batch.
+    weights: [N] per-row weights of the mean (None = all 1)."""
     if logits.numel() == 0:
         return logits.sum()
+    if weights is not None:
+        w = weights.to(logits.dtype)
+        return (torch.logsumexp(logits, dim=-1).pow(2) * w).sum() / w.sum().clamp(min=1)
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 

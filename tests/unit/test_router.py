@@ -106,3 +106,19 @@ def test_expert_counts_equal_bincount():
     idx = torch.randint(7, (13, 3))
     assert torch.equal(expert_counts(idx, 9), torch.bincount(idx.reshape(-1), minlength=9))
     assert expert_counts(idx[:0], 9).tolist() == [0] * 9
+
+
+def test_weighted_aux_losses_equal_the_losses_of_the_kept_rows():
+    """Row weights 0/1 (padding) give the losses of the rows with weight 1 alone; all-ones weights the plain ones."""
+    torch.manual_seed(0)
+    logits = torch.randn(10, 6)
+    probs = logits.softmax(-1)
+    indices = probs.topk(2, dim=-1).indices
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 1])
+    rows = keep.bool()
+    assert torch.allclose(load_balancing_loss(probs, indices, 6, keep),
+                          load_balancing_loss(probs[rows], indices[rows], 6), atol=1e-6)
+    assert torch.allclose(z_loss(logits, keep), z_loss(logits[rows]), atol=1e-6)
+    ones = torch.ones(10)
+    assert torch.allclose(load_balancing_loss(probs, indices, 6, ones), load_balancing_loss(probs, indices, 6))
+    assert torch.allclose(z_loss(logits, ones), z_loss(logits))
