@@ -95,6 +95,18 @@ def collapse_step(max_mean: list[float], steps: list[int], limit: float,
     return None
 
 
+def recovery_step(max_mean: list[float], steps: list[int], limit: float, collapsed_at: int | None,
+                  persist: int = COLLAPSE_PERSIST) -> int | None:
+    """After a collapse at step `collapsed_at`, the first step from which max_mean stays < limit for `persist`
+    recorded steps (or to the end); None when there was no collapse or the layer never recovered."""
+    if collapsed_at is None:
+        return None
+    for i in range(steps.index(collapsed_at), len(max_mean)):
+        if all(v < limit for v in max_mean[i:i + persist]):
+            return steps[i]
+    return None
+
+
 def _ffn(cfg: dict[str, Any]) -> dict[str, Any]:
     return (cfg.get("model") or {}).get("moe_ffn") or {}
 
@@ -136,6 +148,7 @@ def inspect_run(run_dir: str | Path) -> dict[str, Any]:
         series = [layer_values(r, "load_max_mean") for r in recs]
         mm = [s[i] if s is not None and i < len(s) else math.nan for s in series]
         layer["collapse_step"] = collapse_step(mm, steps, limit)
+        layer["recovery_step"] = recovery_step(mm, steps, limit, layer["collapse_step"])
         layers.append(layer)
     return {"run": str(run_dir), "variant": cfg.get("variant"), "preset": cfg.get("preset"),
             "steps_recorded": len(recs), "last_step": steps[-1], "steps": cfg.get("steps"),
@@ -171,8 +184,10 @@ def format_inspect(info: dict[str, Any]) -> str:
         lines += ["", f"{head:<22}" + "".join(f"{name + ' (' + str(p['step']) + ')':>18}" for name, p in pts.items())]
         for label, key, digits in rows:
             lines.append(f"  {label:<20}" + "".join(f"{_fmt(p[key], digits):>18}" for p in pts.values()))
-        c = layer["collapse_step"]
-        lines.append(f"  collapse: {'at step ' + str(c) if c is not None else 'none'} (load max/mean >= "
+        c, r = layer["collapse_step"], layer.get("recovery_step")
+        what = "none" if c is None else f"at step {c}, " + (f"recovered at step {r}" if r is not None
+                                                             else "not recovered by the last step")
+        lines.append(f"  collapse: {what} (load max/mean >= "
                      f"{info['collapse_max_mean']:.3g} = {COLLAPSE_SHARE:g} * E/K for {COLLAPSE_PERSIST} steps)")
     return "\n".join(lines)
 

@@ -178,6 +178,12 @@ def test_collapse_is_the_first_persistent_takeover():
     assert RR.collapse_step(mm, steps, 2.0) == 4  # the one-step spike at step 2 does not count
     assert RR.collapse_step([1.0] * 5 + [2.0, 2.0], list(range(1, 8)), 2.0) == 6  # to the end of the run
     assert RR.collapse_step([1.0] * 20, list(range(1, 21)), 2.0) is None
+    # Recovery: the first step after the collapse from which the load stays below the limit.
+    mm = [1.0] * 3 + [2.5] * 10 + [1.0, 3.0] + [1.0] * 12
+    steps = list(range(1, len(mm) + 1))
+    assert RR.collapse_step(mm, steps, 2.0) == 4 and RR.recovery_step(mm, steps, 2.0, 4) == 16
+    assert RR.recovery_step([2.5] * 12, list(range(1, 13)), 2.0, 1) is None  # never recovered
+    assert RR.recovery_step([1.0] * 12, list(range(1, 13)), 2.0, None) is None  # never collapsed
 
 
 # ----------------------------------------------------------------------------------------------------------
