@@ -1,10 +1,11 @@
 """One optimizer step: forward/backward of its micro-batches, gradient synchronisation and clipping, and the
 step's metrics.
 
-The metrics stay on the device while the step runs (sums of float64 tensors, integer expert counts) and reach
-the host once, at the end: one all-reduce over the ranks, one transfer. Per-MoE-layer metrics come from
-`moe_layer_metrics`, the one place that reads the layers' MoEAux; add a metric there and give it a reduction in
-LAYER_METRICS, and it appears in metrics.jsonl.
+The metrics stay on the device while the step runs (sums of float64 tensors) and reach the host once, at the
+end: one all-reduce over the ranks, one transfer that also carries the RoutingMonitor's record (expert loads and
+per-layer routing health, reduced by the monitor). The loss-side per-MoE-layer metrics come from
+`moe_layer_metrics`, the one place that reads them from the layers' MoEAux; add a metric there and give it a
+reduction in LAYER_METRICS, and it appears in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ LAYER_METRICS: dict[str, Reduction] = {
     "z": "mean",
     "router_entropy": "mean",
     "dropped": "mean",
-    "tokens_per_expert": "layer_sum",
-}
+}  # the loads and the per-layer routing health come from the step's RoutingMonitor
 
 
 def moe_layer_metrics(aux: list[MoEAux]) -> dict[str, torch.Tensor]:
@@ -47,7 +47,6 @@ def moe_layer_metrics(aux: list[MoEAux]) -> dict[str, torch.Tensor]:
         "z": torch.stack([a.z_loss.detach() for a in aux]),
         "router_entropy": torch.stack([a.router_entropy.detach() for a in aux]),
         "dropped": torch.stack([a.dropped_fraction.detach() for a in aux]),
-        "tokens_per_expert": torch.stack([a.tokens_per_expert.detach() for a in aux]),
     }
 
 
@@ -82,8 +81,7 @@ class StepStats:
             else:
                 self.layers[name] = self.layers[name] + rows if name in self.layers else rows
 
-    def to_host(self, par: Parallel, grad_norm: torch.Tensor | None,
-                routing: RoutingMonitor | None = None) -> dict[str, Any]:
+    def to_host(self, par: Parallel, grad_norm: torch.Tensor | None, routing: RoutingMonitor) -> dict[str, Any]:
         """The step's metrics as Python values: averaged (sums: summed) over the ranks with one all-reduce,
         then brought to the host with one transfer, the routing record (already reduced by its monitor) with them.
         grad_norm None: not computed (logged as NaN)."""
@@ -96,17 +94,11 @@ class StepStats:
                                 + [torch.full((self.layers[n].numel(),), LAYER_METRICS[n] != "layer_sum",
                                               device=flat.device) for n in names])
             flat = torch.where(is_mean, flat / par.world, flat)
-        loads = self._slice(flat, names, "tokens_per_expert")
-        if loads is not None:  # int counts; the ratio in float32, as max() / float().mean() of one layer gives it
-            loads = loads.round().long()
-            ratio = (loads.max(-1).values / loads.float().mean(-1)).double()
-        else:
-            ratio = flat.new_zeros(0)
         norm = grad_norm.detach().double().reshape(1) if grad_norm is not None else flat.new_full((1,), math.nan)
-        pending = routing.pending() if routing is not None else None
+        pending = routing.pending()
         extra = pending.flatten() if pending is not None else flat.new_zeros(0)
-        host = torch.cat([flat, ratio, norm, extra]).cpu()  # the step's one device-to-host transfer
-        n_main = flat.numel() + ratio.numel() + 1
+        host = torch.cat([flat, norm, extra]).cpu()  # the step's one device-to-host transfer
+        n_main = flat.numel() + 1
         routing_rows = host[n_main:].view(pending.shape).tolist() if pending is not None else None
         host = host[:n_main]
 
@@ -119,11 +111,8 @@ class StepStats:
                 out[name] = []
             else:
                 out[name] = (v.round().long() if how == "layer_sum" else v).tolist()
-        n_ratio = ratio.numel()
-        out["expert_load_max_over_mean"] = host[flat.numel(): flat.numel() + n_ratio].tolist()
         out["grad_norm"] = host[-1].item()
-        if routing is not None:
-            out.update(routing.record(routing_rows))
+        out.update(routing.record(routing_rows))  # tokens_per_expert, expert_load_max_over_mean and the health
         return out
 
     def _slice(self, flat: torch.Tensor, names: list[str], name: str) -> torch.Tensor | None:
@@ -139,8 +128,7 @@ class StepStats:
 
 
 def train_step(step: int, net: nn.Module, model: nn.Module, sampler: TrainSampler, accum: int, par: Parallel,
-               grad_clip: float, autocast: AbstractContextManager,
-               routing: RoutingMonitor | None = None) -> dict[str, Any]:
+               grad_clip: float, autocast: AbstractContextManager, routing: RoutingMonitor) -> dict[str, Any]:
     """Forward and backward of the `accum` micro-batches of optimizer step `step` (0-based), expert-gradient
     synchronisation and clipping; returns the step's metrics (StepStats.to_host). The weights are not updated:
     the caller checks the loss first.
@@ -160,10 +148,8 @@ def train_step(step: int, net: nn.Module, model: nn.Module, sampler: TrainSample
                 out = net(x, y)
             (out.loss / accum).backward()
         stats.add(out)
-        if routing is not None:
-            routing.add(out.aux)
+        routing.add(out.aux)
     sync_expert_grads(model, par)
     grad_norm = clip_grad_norm(model, par, grad_clip) if grad_clip > 0 else None
-    if routing is not None:
-        routing.end_step(step + 1)
+    routing.end_step(step + 1)
     return stats.to_host(par, grad_norm, routing)
