@@ -1,7 +1,7 @@
 """Aux-loss-free load balancing (DeepSeek-V3, arXiv 2412.19437, section 2.1.2): the bias update after each step.
 
 Every router with FFNConfig.balancing "bias" or "both" carries a bias b [E] that is added to its scores for the
-top-k choice only. After each optimizer step
+top-k choice only. Once per optimizer step
 
     b_e += bias_rate * sign(mean_e' load_e' - load_e)
 
@@ -39,7 +39,8 @@ def sum_over_ranks(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
 @torch.no_grad()
 def update_router_biases(model: nn.Module, loads: torch.Tensor | list[torch.Tensor], reduce: bool = True,
                          group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Apply one bias update to every biased router of `model`; call after `optimizer.step()`.
+    """Apply one bias update to every biased router of `model`, once per optimizer step (before or after
+    `optimizer.step()` is the same: the bias is not a parameter, and the next forward sees both).
 
     loads: [L, E] (or L tensors [E]) assignments per expert of this step, summed over its micro-batches, one row
     per MoE layer in depth order. reduce: sum them over the ranks first (pass False when they already are).
