@@ -24,6 +24,34 @@ def _seed():
     torch.manual_seed(0)
 
 
+# What /proc/cpuinfo says on the two kinds of machine the suite runs on (the flags that matter, abridged).
+CPUINFO = {
+    "bf16-native": "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n",
+    "avx2-only": "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n",
+}
+
+
+def fake_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, kind: str) -> str:
+    """Make this process and the processes it starts see a CPU of `kind` ($MHMOE_CPUINFO); returns kind."""
+    path = tmp_path_factory.getbasetemp() / f"cpuinfo-{kind}"
+    path.write_text(CPUINFO[kind], encoding="utf-8")
+    monkeypatch.setenv("MHMOE_CPUINFO", str(path))
+    return kind
+
+
+@pytest.fixture(autouse=True)
+def _avx2_only_by_default(monkeypatch, tmp_path_factory):
+    """Every test sees an AVX2-only CPU unless it asks for another kind (`cpu_kind`), whatever CPU runs the suite:
+    no output of the library may depend on the machine's CPU flags (mhmoe.training.device reads $MHMOE_CPUINFO)."""
+    fake_cpu(monkeypatch, tmp_path_factory, "avx2-only")
+
+
+@pytest.fixture(params=sorted(CPUINFO))
+def cpu_kind(request, monkeypatch, tmp_path_factory) -> str:
+    """The test runs once per kind of CPU, faked: "avx2-only" and "bf16-native"."""
+    return fake_cpu(monkeypatch, tmp_path_factory, request.param)
+
+
 @pytest.fixture
 def two_threads():
     """torch at 2 threads for the test (the default on a 2-core machine), restored after."""

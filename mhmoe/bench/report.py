@@ -32,9 +32,11 @@ def format_table(records: list[dict], dtype: str, mode: str) -> str:
 
 def format_train_lines(records: list[dict]) -> str:
     """One line per variant of `mhmoe bench train`: tokens/s, x SMoE with its interval, warm-up."""
-    return "\n".join(f"{r['variant']:<14} {r['tok_per_s']:10.0f} tokens/s  x smoe "
-                     f"{_ci(r['ratio_to_smoe'], r.get('ratio_ci'))}  warm-up {r['warmup_s']:.1f} s"
-                     for r in records)
+    return "\n".join(f"{r['variant']:<14} {r['dtype']:<9} {r['tok_per_s']:10.0f} tokens/s  x smoe "
+                     f"{_ci(r['ratio_to_smoe'], r.get('ratio_ci'))}"
+                     + (f"  x float32 {_ci(r['ratio_to_float32'], r.get('ratio_to_float32_ci'))}"
+                        if r.get("ratio_to_float32") is not None else "")
+                     + f"  warm-up {r['warmup_s']:.1f} s" for r in records)
 
 
 def format_sampling(sampling: dict, target: float) -> str:

@@ -20,6 +20,8 @@ from mhmoe.bench.stats import LEVEL
 from mhmoe.bench.train import bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants
 from mhmoe.errors import UserError
+from mhmoe.training.device import cpu_has_fast_bf16
+from mhmoe.training.presets import PRESETS, preset_names
 
 MAX_SECONDS = 300.0  # of timed rounds per sampling loop: a 1-thread d=768 layer run gets about 15 rounds
 
@@ -74,8 +76,6 @@ def _cli(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.what == "layers":
         if args.dtypes is None:  # bf16 only where the CPU has it natively: elsewhere one round takes minutes
-            from mhmoe.training.device import cpu_has_fast_bf16
-
             fast = args.device == "cuda" or cpu_has_fast_bf16()
             args.dtypes = "float32,bfloat16" if fast else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
@@ -90,11 +90,11 @@ def _cli(args: argparse.Namespace) -> int:
                     rounds=args.rounds)
         records, gemm, sampling = bench_layers(args, log)
     else:
-        from mhmoe.training.presets import PRESETS
-
         if args.preset not in PRESETS:
             raise UserError(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if args.dtypes is not None:
+            args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
         meta.update(preset=args.preset, rounds=args.rounds)
         records, gemm, sampling = bench_train(args, log)
     meta.update(
@@ -140,10 +140,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                      help="our implementations: sorted, grouped_mm, naive, intra-op (default sorted)")
     lay.add_argument("--no-hf", action="store_true", help="leave out transformers' Mixtral block")
     tr = what.add_parser("train", help="whole-model training steps per second of the preset's five variants")
-    tr.add_argument("--preset", default="tiny", help="smoke, demo, tiny, gpu or paper sizes (default tiny)")
+    tr.add_argument("--preset", default="tiny", help=f"{preset_names()} sizes (default tiny)")
     tr.add_argument("--variants", default=",".join(PAPER_LAYERS), help="comma-separated model variants")
     tr.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     tr.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up time in warmup_s)")
+    tr.add_argument("--dtypes", default=None,
+                    help="float32 and/or bfloat16 (default: the preset's); with both, each bfloat16 record has its "
+                         "time x the float32 one's")
     for q in (lay, tr):
         q.add_argument("--rounds", type=int, default=6,
                        help="minimum timed rounds (default 6: the fewest with a 95%% interval for a median)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from mhmoe.data.corpora import CORPORA, source_files
 from mhmoe.data.prepare import prepare_corpus, prepare_gpt2_tokenizer, preset_needs
 from mhmoe.errors import UserError
+from mhmoe.training.presets import preset_names
 from mhmoe.training.rundir import resolve_config
 
 
@@ -40,7 +41,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="data tools: `mhmoe data prepare --preset P --data-root DIR`")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("prepare", help="fetch the corpora a preset needs from the hub into a data root")
-    q.add_argument("--preset", required=True, help="smoke, demo, cpu, tiny, gpu or paper")
+    q.add_argument("--preset", required=True, help=preset_names())
     q.add_argument("--data-root", default=os.environ.get("MHMOE_DATA_ROOT"),
                    help="the folder to fill (default: $MHMOE_DATA_ROOT)")
     q.add_argument("--max-bytes", type=int, default=0, help="cap per corpus in bytes of text (default: the preset's)")

@@ -7,7 +7,7 @@ import argparse
 
 from mhmoe.distributed.memory import comm_volume_per_token, memory_table
 from mhmoe.errors import UserError
-from mhmoe.training.presets import preset
+from mhmoe.training.presets import preset, preset_names
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -35,7 +35,7 @@ def _cli(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("memory", help="memory per GPU and all-to-all volume of a preset's models over GPU layouts")
-    p.add_argument("--preset", default="paper", help="smoke, demo, cpu, tiny, gpu or paper (default paper)")
+    p.add_argument("--preset", default="paper", help=f"{preset_names()} (default paper)")
     p.add_argument("--models", default="smoe,mhmoe-h2,mhmoe-h3", help="comma-separated variants")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per node")
     p.add_argument("--nodes", type=int, default=1)

@@ -14,6 +14,7 @@ from mhmoe.errors import UserError
 from mhmoe.paper_tables import TABLES
 from mhmoe.report import report
 from mhmoe.reproduce import execute, plan
+from mhmoe.training.presets import preset_names
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
@@ -115,7 +116,7 @@ def _cli(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="train, evaluate and report the paper's Tables 1-5")
-    p.add_argument("--preset", default="demo", help="smoke, demo, tiny, gpu or paper (default demo)")
+    p.add_argument("--preset", default="demo", help=f"{preset_names()} (default demo)")
     p.add_argument("--tables", default="1,2,3,4,5", help="comma-separated tables (default 1,2,3,4,5)")
     p.add_argument("--seeds", type=int, default=1,
                    help="seeds per model; claims get seed-paired 95%% intervals from 2 seeds on (default 1)")

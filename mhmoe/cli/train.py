@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mhmoe.distributed.parallel import ParallelConfig, dist_env
 from mhmoe.training.loop import train
+from mhmoe.training.presets import preset_names
 from mhmoe.training.rundir import resolve_config
 
 
@@ -24,7 +25,7 @@ def _cli(args: argparse.Namespace) -> int:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (or resume) a language model run; under torchrun: DDP, FSDP2, experts "
                                      "over ranks")
-    p.add_argument("--preset", default=None, help="smoke, demo, tiny, gpu or paper")
+    p.add_argument("--preset", default=None, help=preset_names())
     p.add_argument("--model", default=None,
                    help="dense, smoe, fine-grained, mhmoe-h2, mhmoe-h3 (suffix -shared for a shared expert, "
                         "-sigmoid / -alf for sigmoid scoring / aux-loss-free balancing: docs/ROUTING.md)")

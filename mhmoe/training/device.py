@@ -1,8 +1,13 @@
 """The device a run trains on, and whether this CPU computes bfloat16 natively.
+
+The CPU's features come from /proc/cpuinfo, or from the file named by $MHMOE_CPUINFO (`CPUINFO_ENV`) when it is
+set: the one seam through which tests (and machines whose cpuinfo misreports) give the CPU kind, in this process
+and in the processes it starts.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -19,12 +24,21 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+CPUINFO_ENV = "MHMOE_CPUINFO"
+
+
+def cpuinfo_path() -> Path:
+    """The file the CPU's features are read from: $MHMOE_CPUINFO if set, else /proc/cpuinfo."""
+    return Path(os.environ.get(CPUINFO_ENV) or "/proc/cpuinfo")
+
+
 def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str] | None:
-    """The native-bf16 flags this CPU reports (avx512_bf16, amx_bf16, Arm bf16); None when it cannot tell."""
+    """The native-bf16 flags this CPU reports (avx512_bf16, amx_bf16, Arm bf16); None when it cannot tell.
+    cpuinfo: the text of a cpuinfo file (`cpuinfo_path()` is read when None)."""
     text = cpuinfo
     if text is None:
         try:
-            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+            text = cpuinfo_path().read_text(encoding="utf-8", errors="replace")
         except OSError:
             return None
     flags = set()
@@ -32,16 +46,6 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str] | None:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[-1].split())
     return flags & {"avx512_bf16", "amx_bf16", "bf16"} if flags else None
-
-
-def bf16_hint(cpuinfo: str | None = None) -> str | None:
-    """The one-line hint `mhmoe train` prints for a float32 run on a CPU that computes bf16 natively, else None."""
-    flags = cpu_bf16_flags(cpuinfo)
-    if not flags:
-        return None
-    return (f"mhmoe train: hint: this CPU computes bfloat16 natively ({', '.join(sorted(flags))}); --set "
-            "dtype=bfloat16 may train faster. Measure it here with `mhmoe bench train --dtypes float32,bfloat16` "
-            "(the whole-model speedup at the tiny preset is not yet measured on such a CPU: benchmarks/RESULTS.md)")
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:

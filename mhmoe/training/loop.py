@@ -63,7 +63,7 @@ from mhmoe.training.checkpoint import (
 )
 from mhmoe.training.config import TrainConfig, micro_batches
 from mhmoe.training.consolidate import consolidate
-from mhmoe.training.device import bf16_hint, cpu_has_fast_bf16, resolve_device
+from mhmoe.training.device import cpu_has_fast_bf16, resolve_device
 from mhmoe.training.evaluate import evaluate_corpus
 from mhmoe.training.optim import build_optimizer, lr_at, weight_decay_at
 from mhmoe.training.routing_health import RoutingMonitor
@@ -190,12 +190,9 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
         net = torch.compile(net)
     autocast = (torch.autocast(device_type=par.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
-    if cfg.dtype == "bfloat16" and par.device.type == "cpu" and par.rank == 0 and not cpu_has_fast_bf16():
-        print("mhmoe train: warning: TrainConfig.dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX) "
-              "runs matmuls ~100x slower than float32; use --set dtype=float32", file=sys.stderr, flush=True)
-    hint = bf16_hint() if cfg.dtype == "float32" and par.device.type == "cpu" and par.rank == 0 else None
-    if hint:
-        print(hint, file=sys.stderr, flush=True)
+    # Said after the first step, with its time: stderr holds nothing but the error of a run that fails before.
+    warn_slow_bf16 = (cfg.dtype == "bfloat16" and par.device.type == "cpu" and par.rank == 0
+                      and not cpu_has_fast_bf16())
 
     writer = pbar = None
     if par.rank == 0:
@@ -226,6 +223,10 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
             done = step + 1
             last_loss = m["loss"]
             dt = time.time() - t0
+            if warn_slow_bf16 and step == start:
+                print(f"mhmoe train: warning: TrainConfig.dtype=bfloat16 on a CPU without native bf16 (no "
+                      f"AVX512-BF16/AMX): matmuls run ~100x slower than in float32 (step {done} took {dt:.1f} s); "
+                      "use --set dtype=float32", file=sys.stderr, flush=True)
             if par.rank == 0:
                 rec = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": m["loss"], "ce": m["ce"],
                        "aux": m["aux"], "lb": m["lb"], "z": m["z"], "router_entropy": m["router_entropy"],

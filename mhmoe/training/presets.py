@@ -210,6 +210,29 @@ def paper(variant: str) -> TrainConfig:
 PRESETS = {"smoke": smoke, "demo": demo, "cpu": cpu, "tiny": tiny, "gpu": gpu, "paper": paper}
 
 
+def preset_names() -> str:
+    """The presets as help texts name them: "smoke, demo, ..., gpu or paper" (from PRESETS, never restated)."""
+    names = list(PRESETS)
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def describe_preset(name: str) -> tuple[str, str]:
+    """(scale, tokens) of preset `name` as the README's presets table states them, computed from the preset:
+    ("d=144, 4 layers, SMoE 8 x 384 top-1 (MH h=2: 40 x 144, h=3: 96 x 96), 4096-token BPE, 175 steps x 4,096
+    tokens", "0.72M")."""
+    cfg = preset(name, "smoe")
+    m, ffn = cfg.model, cfg.model.moe_ffn
+    mh = [preset(name, f"mhmoe-h{h}").model.moe_ffn for h in (2, 3)]
+    vocab = "GPT-2 BPE" if cfg.data.tokenizer == "gpt2" else f"{cfg.data.vocab_size}-token BPE"
+    corpus = " on tinyshakespeare" if cfg.data.train_corpus == "tinyshakespeare" else ""
+    scale = (f"d={m.dim}, {m.n_layers} layers, SMoE {ffn.num_experts} x {ffn.hidden_dim} top-{ffn.top_k} (MH "
+             f"h=2: {mh[0].num_experts} x {mh[0].hidden_dim}, h=3: {mh[1].num_experts} x {mh[1].hidden_dim}), "
+             f"{vocab}{corpus}, {cfg.steps:,} steps x {cfg.tokens_per_step:,} tokens")
+    tokens = cfg.steps * cfg.tokens_per_step
+    return scale, (f"{tokens / 1e9:.3g}B" if tokens >= 1e9 else f"{tokens / 1e6:.3g}M" if tokens >= 1e6
+                   else f"{tokens / 1e3:.3g}k")
+
+
 def preset(name: str, variant: str) -> TrainConfig:
     """The TrainConfig of preset `name` for model `variant`."""
     if name not in PRESETS:

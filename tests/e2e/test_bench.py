@@ -144,6 +144,23 @@ def test_bench_train_json_contract(capsys):
     assert out["meta"]["peak_tflops"] == 2.0 and out["meta"]["peak_tflops_from"] == "--peak-tflops"
 
 
+def test_bench_train_dtypes_compare_bf16_with_fp32(capsys):
+    assert main(["bench", "train", "--json", "--preset", "smoke", "--variants", "smoe,mhmoe-h3", "--dtypes",
+                 "float32,bfloat16", "--rounds", "2", "--threads", "1", "--no-memory", *FAST]) == 0
+    out = json.loads(capsys.readouterr().out)
+    recs = {(r["variant"], r["dtype"]): r for r in out["records"]}
+    assert list(recs) == [("smoe", "float32"), ("smoe", "bfloat16"), ("mhmoe-h3", "float32"),
+                          ("mhmoe-h3", "bfloat16")]
+    assert set(out["meta"]["gemm_gflops"]) == {"float32/train", "bfloat16/train"}
+    for (variant, dtype), r in recs.items():
+        # x SMoE within the dtype: SMoE is 1 against itself in each; x float32 only on the bfloat16 rows.
+        assert (r["ratio_to_smoe"] == 1.0) == (variant == "smoe")
+        assert ("ratio_to_float32" in r) == (dtype == "bfloat16")
+        if dtype == "bfloat16":
+            lo, hi = r["ratio_to_float32_ci"]
+            assert lo <= r["ratio_to_float32"] <= hi
+
+
 def test_bench_train_compile_flag(capsys, monkeypatch):
     import torch._dynamo
 
@@ -166,6 +183,7 @@ def test_bench_train_compile_flag(capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "layers", "--dtypes", "float16"], "--dtypes: expected a comma-separated subset of float32, bfloat16"),
+    (["bench", "train", "--dtypes", "fp32"], "--dtypes: expected a comma-separated subset of float32, bfloat16"),
     (["bench", "layers", "--dim", "100"], "--dim: must be divisible by 2 and 3"),
     (["bench", "layers", "--impls", "magic"], "--impls: expected a comma-separated subset"),
     (["bench", "layers", "--rounds", "0"], "--rounds: must be >= 1"),
@@ -184,14 +202,11 @@ def test_bench_bad_flags_one_line_error(capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("fast_bf16, dtypes", [(False, {"float32"}), (True, {"float32", "bfloat16"})])
-def test_bench_layers_default_dtypes_follow_native_bf16(fast_bf16, dtypes, capsys, monkeypatch):
-    import mhmoe.training.device as T
-
-    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda cpuinfo=None: fast_bf16)
+def test_bench_layers_default_dtypes_follow_native_bf16(cpu_kind, capsys):
     argv = ["bench", "layers", "--json", "--tokens", "32", "--dim", "96", "--hidden-dim", "256", "--num-experts",
             "4", "--rounds", "1", "--modes", "fwd", "--no-hf", "--no-memory", *FAST]
     assert main(argv) == 0
+    dtypes = {"avx2-only": {"float32"}, "bf16-native": {"float32", "bfloat16"}}[cpu_kind]
     assert {r["dtype"] for r in json.loads(capsys.readouterr().out)["records"]} == dtypes
 
 

@@ -271,11 +271,11 @@ def test_parallel_resume_is_bit_exact(reference, fsdp_ep):
     assert _records(part, "evals.jsonl") == _records(fsdp_ep, "evals.jsonl")
 
 
-def test_parallel_nan_loss_stops_every_rank_and_keeps_the_checkpoint(reference):
+def test_parallel_nan_loss_stops_every_rank_and_keeps_the_checkpoint(reference, cpu_kind):
     base, _ = reference
-    run = base / "nan"
+    run = base / f"nan-{cpu_kind}"
     # Only rank 1's third forward is poisoned: the all-reduced loss stops both ranks at step 3.
-    ranks = ranks_like_torchrun(_argv(run, base / "cache", "--ep", "2", "--dp", "fsdp"), base / "nan-logs",
+    ranks = ranks_like_torchrun(_argv(run, base / "cache", "--ep", "2", "--dp", "fsdp"), base / f"nan-logs-{cpu_kind}",
                                 MHMOE_TEST_POISON="1:3")
     assert [code for code, _ in ranks] == [2, 2], ranks
     err = ranks[0][1]

@@ -4,6 +4,7 @@ checkpoints, NaN stop, eval, bad inputs with one-line errors, and 2-process DDP 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, cache, capsys, argv, message)
     assert err.count("\n") == 0 and message in err, err
 
 
-def test_missing_data_root_and_mismatched_run_dir(tmp_path, cache, capsys, monkeypatch):
+def test_missing_data_root_and_mismatched_run_dir(cpu_kind, tmp_path, cache, capsys, monkeypatch):
     monkeypatch.delenv("MHMOE_DATA_ROOT", raising=False)
     # No data root: smoke and demo read the embedded sample; a larger preset says where to get the corpora,
     # before anything is written.
@@ -299,24 +300,48 @@ def test_cpu_bf16_detection_from_cpuinfo():
     assert cpu_has_fast_bf16("")  # cannot tell: no warning
 
 
-def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, cache, monkeypatch, capsys):
-    import mhmoe.training.loop as T
+def test_cpu_kind_is_read_from_the_cpuinfo_seam(cpu_kind):
+    from mhmoe.training.device import cpu_bf16_flags, cpu_has_fast_bf16
 
-    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
-    train(_cfg("smoe", steps=1, dtype="bfloat16"), tmp_path / "run", ROOT, cache, progress=False)
+    assert cpu_has_fast_bf16() == (cpu_kind == "bf16-native")
+    assert cpu_bf16_flags() == ({"avx512_bf16", "amx_bf16"} if cpu_kind == "bf16-native" else set())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stderr_of_a_good_run_on_every_cpu(cpu_kind, dtype, tmp_path, cache, capsys):
+    """No hint on any CPU; bf16 on a CPU without native bf16: one warning, after the first step, with its time."""
+    train(_cfg("smoe", steps=2, dtype=dtype), tmp_path / "run", ROOT, cache, progress=False)
     err = capsys.readouterr().err
-    assert err.count("dtype=bfloat16 on a CPU without native bf16") == 1 and "--set dtype=float32" in err
+    if dtype == "bfloat16" and cpu_kind == "avx2-only":
+        assert err.count("\n") == 1 and "dtype=bfloat16 on a CPU without native bf16" in err
+        assert re.search(r"\(step 1 took \d+\.\d s\); use --set dtype=float32\n$", err), err
+    else:
+        assert err == ""
 
 
-def test_fp32_run_on_a_native_bf16_cpu_prints_one_hint(tmp_path, cache, monkeypatch, capsys):
-    import mhmoe.training.loop as T
-    from mhmoe.training.device import bf16_hint
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bad_step", [1, 2])
+def test_a_failing_run_ends_stderr_with_its_one_line_error(cpu_kind, dtype, bad_step, tmp_path, cache, capsys,
+                                                           monkeypatch):
+    """With --no-progress, a run that fails at its first step writes exactly one stderr line on every CPU; one that
+    fails later ends stderr with its error (after the slow-bf16 warning, the one other line a run may print)."""
+    from mhmoe import model as M
 
-    assert bf16_hint("flags\t\t: fpu avx2 fma\n") is None and bf16_hint("") is None  # no bf16, or cannot tell
-    hint = bf16_hint("flags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
-    assert "amx_bf16, avx512_bf16" in hint and "--set dtype=bfloat16" in hint and "\n" not in hint
-    monkeypatch.setattr(T, "bf16_hint", lambda cpuinfo=None: hint)
-    train(_cfg("smoe", steps=1), tmp_path / "run", ROOT, cache, progress=False)
-    assert capsys.readouterr().err.count("hint: this CPU computes bfloat16 natively") == 1
-    train(_cfg("smoe", steps=2, dtype="bfloat16"), tmp_path / "bf16", ROOT, cache, progress=False)
-    assert "hint:" not in capsys.readouterr().err  # a bf16 run needs no hint
+    real, calls = M.Transformer.forward, [0]
+
+    def poisoned(self, idx, targets=None, cache=None):
+        out = real(self, idx, targets, cache)
+        if targets is not None and self.training:
+            calls[0] += 1
+            if calls[0] == bad_step:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(M.Transformer, "forward", poisoned)
+    argv = ["train", "--preset", "smoke", "--model", "smoe", "--out", str(tmp_path / "run"), "--data-root", str(ROOT),
+            "--cache-dir", str(cache), "--no-progress", "--set", "steps=4", "--set", f"dtype={dtype}"]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith(f"mhmoe train: error: loss is nan at step {bad_step}; stopped without updating")
+    warned = bad_step > 1 and dtype == "bfloat16" and cpu_kind == "avx2-only"
+    assert len(lines) == 1 + warned and (not warned or "without native bf16" in lines[0]), lines
