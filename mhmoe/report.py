@@ -20,7 +20,8 @@ from mhmoe.complexity import model_flops_per_token, model_param_count
 from mhmoe.fileio import atomic_write_text
 from mhmoe.paper_tables import DOMAIN_TITLES, DOMAINS, PAPER, TABLES, Row, run_id
 from mhmoe.routing_report import activation_claim, plot_load_heatmap, read_metrics, routing_section, run_routing
-from mhmoe.verdicts import COLUMNS, Comparison, paper_ppl, verdicts, versus_smoe
+from mhmoe.verdicts import (COLUMNS, NOT_INTERPRETABLE, Comparison, apply_sanity, label_claim, paper_ppl,
+                            sanity_check, verdicts, versus_smoe)
 
 SPIKE_FACTOR = 5.0  # a step whose grad norm exceeds this multiple of the run's median counts as a spike
 NEAR_UNIFORM = 0.99  # router entropy at or above this fraction of ln E at the end: the router barely routes
@@ -55,8 +56,10 @@ def run_health(run_dir: Path, cfg: Any) -> dict[str, Any]:
     if norms:
         med = statistics.median(norms)
         spikes = [(r["step"], r["grad_norm"]) for r in recs if r.get("grad_norm", 0) > SPIKE_FACTOR * med]
+        warmup = cfg.optim.warmup_steps
         out.update(grad_norm_median=med, grad_norm_max=max(norms), spikes=len(spikes),
-                   spike_steps=[s for s, _ in spikes[:10]])
+                   spike_steps=[s for s, _ in spikes[:10]],
+                   spike_steps_after_warmup=[s for s, _ in spikes if s > warmup])
     ffn = cfg.model.moe_ffn
     if ffn.kind == "moe" and recs:
         ln_e = math.log(ffn.num_experts)
@@ -97,23 +100,43 @@ def _fmt_ci(c: dict[str, Any]) -> str:
     return f"{c['mean_diff_nats']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
-def _comparison_lines(comps: list[dict[str, Any]]) -> list[str]:
+def _sanity_lines(sanity: dict[str, Any]) -> list[str]:
+    """The sanity section at the top of tables.md: the check, its verdict, the SMoE - dense pair, the spikes."""
+    lines = ["## Sanity check (before any claim)", "",
+             f"{sanity['check'][0].upper()}{sanity['check'][1:]}: **{sanity['verdict'].upper()}**.", ""]
+    c = sanity["smoe_vs_dense"]
+    if c is not None:
+        lines.append(f"- SMoE - dense at 100%: {_fmt_ci(c)} nats over {c['n_seeds']} seed(s); the paper: -0.136.")
+    lines.append(f"- Runs with a grad-norm spike after warm-up: {len(sanity['spikes_after_warmup']) or 'none'}.")
+    if sanity["verdict"] == "fails":
+        lines += ["", f"Every claim below is therefore **{NOT_INTERPRETABLE}**; its measured verdict is given beside "
+                  "it: " + "; ".join(sanity["reasons"]) + "."]
+    return lines + [""]
+
+
+def _comparison_lines(comps: list[dict[str, Any]], sane: bool = True) -> list[str]:
+    """A table of comparisons; with sane=False (the sanity check failed) each verdict reads "not interpretable"
+    with the measured one beside it."""
     lines = ["| model (claimed better) | against | Δ loss, nats, mean of 3 domains [95% CI] | n | verdict | "
              + " | ".join(f"Δ {DOMAIN_TITLES[d]}" for d in DOMAINS) + " | paper Δ |",
              "|---|---|---|---:|---|" + "---|" * len(DOMAINS) + "---|"]
     for c in comps:
         doms = " | ".join(_fmt_ci(c["per_domain"][d]) + f" {c['per_domain'][d]['verdict']}" for d in DOMAINS)
         paper = f"{c['paper_diff_nats']:+.4f}" if c.get("paper_diff_nats") is not None else "-"
-        lines.append(f"| {c['better']} | {c['worse']} | {_fmt_ci(c)} | {c['n_seeds']} | {c['verdict']} | {doms} "
+        verdict = c["verdict"] if sane else f"{NOT_INTERPRETABLE} (measured: {c['verdict']})"
+        lines.append(f"| {c['better']} | {c['worse']} | {_fmt_ci(c)} | {c['n_seeds']} | {verdict} | {doms} "
                      f"| {paper} |")
     return lines
 
 
 def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dict[int, dict],
-                  health: dict[str, dict[str, Any]], extra: list[Row] | None = None) -> str:
-    """tables.md: each table in the paper's layout with ours beside the paper's, FLOPs per row, paired claims.
+                  health: dict[str, dict[str, Any]], extra: list[Row] | None = None,
+                  sanity: dict[str, Any] | None = None) -> str:
+    """tables.md: the sanity verdict, then each table in the paper's layout with ours beside the paper's, FLOPs
+    per row, paired claims.
 
-    extra: rows of models outside the tables (`--models smoe-alf`), compared with SMoE with the others."""
+    extra: rows of models outside the tables (`--models smoe-alf`), compared with SMoE with the others.
+    sanity: `mhmoe.verdicts.sanity_check`'s result (None: not computed, no section)."""
     lines = [f"# MH-MoE reproduction, preset `{preset}`", "",
              "Validation perplexity (lower is better), mean ± std over seeds; **bold** = best of our rows in that "
              "column. `(paper)` = the published number (12 layers, d=768, 100k steps of 0.5M tokens). Columns "
@@ -123,6 +146,9 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
              "better model is better), with 95% Student-t intervals over the seeds (n-1 degrees of freedom): "
              "**holds** / **reversed** only when the interval excludes 0, else **within noise**; one seed gives "
              "no interval and no verdict.", ""]
+    sane = sanity is None or sanity["verdict"] != "fails"
+    if sanity is not None:
+        lines += _sanity_lines(sanity)
     smoe_flops = next((x["flops_per_token"] for x in recs if x["variant"] == "smoe" and not x["bitnet"]), None)
     for t in tables:
         caption, rows = TABLES[t]
@@ -169,10 +195,13 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                       "random; see Training health.", ""]
         if t in verdict:
             v = verdict[t]
-            lines += [f"**Claim T{t}: {v['claim']} — {v['verdict'].upper()}** (at {v['column']}, the paper's "
-                      "column for this table).", ""]
+            measured = f" (measured: {v['measured_verdict']})" if "measured_verdict" in v else ""
+            lines += [f"**Claim T{t}: {v['claim']} — {v['verdict'].upper()}**{measured} (at {v['column']}, the "
+                      "paper's column for this table).", ""]
             for col, cv in v["columns"].items():
-                lines += [f"At {col}: {cv['verdict']}.", ""] + _comparison_lines(cv["comparisons"]) + [""]
+                measured = f" (measured: {cv['measured_verdict']})" if "measured_verdict" in cv else ""
+                lines += [f"At {col}: {cv['verdict']}{measured}.", ""] + _comparison_lines(cv["comparisons"], sane)
+                lines += [""]
     t1_rows = [r for t in tables for r in TABLES[t][1]] + list(extra or [])
     seen: list[Row] = []
     for r in t1_rows:  # one line per model: Table 5's full row is Table 1's h=2
@@ -185,7 +214,7 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                   "the paper's perplexities (ln ppl ratio, domains averaged). Plot: `plots/forest.png`.", ""]
         for col, comps in vs.items():
             if comps:
-                lines += [f"### {col}", ""] + _comparison_lines([c.as_dict() for _, c in comps]) + [""]
+                lines += [f"### {col}", ""] + _comparison_lines([c.as_dict() for _, c in comps], sane) + [""]
     lines += _health_lines(recs, health)
     return "\n".join(lines)
 
@@ -331,28 +360,30 @@ def _forest(plt: Any, comps: dict[str, list[tuple[Row, Comparison]]], path: Path
 def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], preset: str) -> str:
     """Write tables.md, results.json and plots/ for the finished runs; return the markdown."""
     recs = collect(results)
-    verdict = verdicts(recs, tables)
     health = {}
     for rid, info in results.items():
         h = run_health(out / "runs" / rid, info["run"].cfg)
         health[rid] = {"variant": info["run"].row.variant + ("-bitnet" if info["run"].row.bitnet else ""),
                        "seed": info["run"].cfg.seed, **h}
+    sanity = sanity_check(recs, {rid: h.get("spike_steps_after_warmup", []) for rid, h in health.items()})
+    verdict = apply_sanity(verdicts(recs, tables), sanity)
     extra: list[Row] = []  # --models outside the tables
     for info in results.values():
         r = info["run"]
         if not r.tables and r.row not in extra:
             extra.append(r.row)
-    md = render_tables(recs, tables, preset, verdict, health, extra)
+    md = render_tables(recs, tables, preset, verdict, health, extra, sanity)
     routing = {rid: {"variant": health[rid]["variant"], "seed": info["run"].cfg.seed,
                      "routing": run_routing(out / "runs" / rid, info["run"].cfg.milestones, info["run"].cfg.steps)}
                for rid, info in results.items() if info["run"].cfg.model.moe_ffn.kind == "moe"}
-    md += "\n" + "\n".join(routing_section(routing))
+    act = label_claim(activation_claim(routing), sanity)
+    md += "\n" + "\n".join(routing_section(routing, act))
     walls = "\n".join(f"| {rid} | {info['wall_s']:.0f} |" for rid, info in results.items())
     md += "\n## Training wall time per run (seconds)\n\n| run | wall s |\n|---|---|\n" + walls + "\n"
     atomic_write_text(out / "tables.md", md)
     atomic_write_text(out / "results.json", json.dumps(
-        {"preset": preset, "tables": tables, "records": recs, "runs": health,
+        {"preset": preset, "tables": tables, "records": recs, "runs": health, "sanity": sanity,
          "verdicts": {f"T{t}": v for t, v in verdict.items()},
-         "routing": {"runs": routing, "claim": activation_claim(routing)}}, indent=2))
+         "routing": {"runs": routing, "claim": act}}, indent=2))
     plots(results, recs, out, tables, extra)
     return md

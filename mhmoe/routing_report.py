@@ -276,8 +276,9 @@ def activation_claim(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def routing_section(runs: dict[str, dict[str, Any]]) -> list[str]:
-    """tables.md lines: activation, load CV and dead experts per variant at the milestones, and the claim."""
+def routing_section(runs: dict[str, dict[str, Any]], claim: dict[str, Any] | None = None) -> list[str]:
+    """tables.md lines: activation, load CV and dead experts per variant at the milestones, and the claim
+    (`activation_claim(runs)` unless given, e.g. labelled by the sanity check)."""
     lines = ["## Routing", "",
              "Per variant, mean over seeds (and over MoE layers; dead experts summed over layers) of the metrics.jsonl "
              f"values within ±{MILESTONE_WINDOW:.0%} of the steps around each milestone. Expert activation: the "
@@ -297,8 +298,9 @@ def routing_section(runs: dict[str, dict[str, Any]]) -> list[str]:
                 cells.append("not measured" if not vals or any(x is None for x in vals)
                              else f"{statistics.fmean(vals):.{digits}f}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    claim = activation_claim(runs)
-    lines += ["", f"**Claim (v1): {claim['claim']} — {claim['verdict'].upper()}**"
+    claim = activation_claim(runs) if claim is None else claim
+    measured = f" (measured: {claim['measured_verdict']})" if "measured_verdict" in claim else ""
+    lines += ["", f"**Claim (v1): {claim['claim']} — {claim['verdict'].upper()}**{measured}"
               + (f" (at {claim['column']})." if claim["column"] else "."), ""]
     if not claim["columns"]:
         lines += ["No MH-MoE run with its FLOPs-equal SMoE and recorded expert activation: not measured.", ""]

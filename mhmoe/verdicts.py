@@ -14,6 +14,12 @@ its mean carries a 95% Student-t interval with n-1 degrees of freedom, and the v
     "not tested (1 seed)"  fewer than two paired seeds: no spread, no interval, no verdict.
 A chain of claims (Table 1: Dense > SMoE > fine-grained > h=2 > h=3) holds when every link holds and does not
 hold when any link is reversed.
+
+Before any claim is read, the sanity check (`sanity_check`): the models must be in a regime where MoE matters,
+i.e. SMoE beats the dense model of equal FLOPs at 100% (the paper's first effect: -0.136 nats), with its
+seed-paired interval below 0, and no run of the matrix has a grad-norm spike after warm-up. When it fails, every
+claim's verdict is "not interpretable" (the measured verdict is kept beside it): an ordering of MoE designs
+measured where MoE does not beat dense, or where a run spiked, measures noise and instabilities.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from mhmoe.paper_tables import DOMAINS, PAPER, TABLES, Row
 
 COLUMNS = ("50%", "100%")
 NOT_TESTED = "not tested (1 seed)"
+NOT_INTERPRETABLE = "not interpretable"
+SANITY_CHECK = ("SMoE beats the dense model of equal FLOPs at 100% (seed-paired 95% interval below 0), and no run "
+                "has a grad-norm spike after warm-up")
 
 
 def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -208,3 +217,49 @@ def versus_smoe(recs: list[dict], column: str, rows: list[Row]) -> list[tuple[Ro
         if c is not None:
             out.append((r, c))
     return out
+
+
+def sanity_check(recs: list[dict], spikes_after_warmup: dict[str, list[int]]) -> dict[str, Any]:
+    """The regime check ahead of the claims (module docstring).
+
+    recs: the evaluation records; spikes_after_warmup: {run id: steps after warm-up whose grad norm exceeded the
+    report's spike factor x the run's median}. Returns {check, verdict ("holds" | "fails" | "not tested (...)"),
+    smoe_vs_dense (the Comparison at 100%, or None), spikes_after_warmup (the runs with any), reasons}.
+    Full-precision dense and SMoE are used; a BitNet-only matrix (Table 3) uses its BitNet pair.
+    """
+    have = {(x["variant"], x["bitnet"]) for x in recs}
+    bitnet = ("dense", False) not in have or ("smoe", False) not in have
+    c = compare_rows(recs, Row("SMoE", "smoe", bitnet), Row("Dense", "dense", bitnet), "100%")
+    spiky = {rid: steps for rid, steps in sorted(spikes_after_warmup.items()) if steps}
+    reasons = []
+    if c is None:
+        verdict = "not tested (no dense and SMoE pair at 100%)"
+    elif c.n_seeds < 2:
+        verdict = NOT_TESTED
+    else:
+        if c.verdict != "holds":
+            lo, hi = c.ci95
+            reasons.append(f"SMoE - dense at 100% is {c.mean_diff_nats:+.4f} nats [{lo:+.4f}, {hi:+.4f}] "
+                           f"({c.verdict}), not below 0")
+        if spiky:
+            reasons.append(f"{len(spiky)} run(s) spiked after warm-up: " + ", ".join(
+                f"{rid} (steps {', '.join(map(str, steps[:5]))}{', ...' if len(steps) > 5 else ''})"
+                for rid, steps in spiky.items()))
+        verdict = "fails" if reasons else "holds"
+    return {"check": SANITY_CHECK, "verdict": verdict, "smoe_vs_dense": c.as_dict() if c is not None else None,
+            "spikes_after_warmup": spiky, "reasons": reasons}
+
+
+def apply_sanity(verdict: dict[int, dict[str, Any]], sanity: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The table verdicts, each labelled by `label_claim` (NOT_INTERPRETABLE when the sanity check failed)."""
+    return {t: label_claim(v, sanity) for t, v in verdict.items()}
+
+
+def label_claim(claim: dict[str, Any], sanity: dict[str, Any]) -> dict[str, Any]:
+    """A claim {verdict, columns: {col: {verdict, ...}}} with every verdict NOT_INTERPRETABLE when the sanity check
+    failed, the measured one kept beside it as `measured_verdict`; unchanged otherwise."""
+    if sanity["verdict"] != "fails":
+        return claim
+    cols = {col: {**cv, "verdict": NOT_INTERPRETABLE, "measured_verdict": cv["verdict"]}
+            for col, cv in claim.get("columns", {}).items()}
+    return {**claim, "verdict": NOT_INTERPRETABLE, "measured_verdict": claim["verdict"], "columns": cols}

@@ -147,6 +147,45 @@ def test_verdicts_tables_4_and_5_at_both_columns():
     assert [c["verdict"] for c in v5["columns"]["50%"]["comparisons"]] == ["holds", "holds", "reversed"]
 
 
+def test_sanity_check_gates_every_claim():
+    t1 = ["dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"]
+    ok = {v: {1: 3.0 - i * 0.1, 2: 3.05 - i * 0.1, 3: 2.98 - i * 0.1} for i, v in enumerate(t1)}
+    sane = V.sanity_check(_recs(ok), {"smoe-s0": [], "dense-s0": []})
+    assert sane["verdict"] == "holds" and sane["reasons"] == [] and sane["smoe_vs_dense"]["ci95"][1] < 0
+    verdict = V.verdicts(_recs(ok), [1])
+    assert V.apply_sanity(verdict, sane) == verdict  # a sane matrix keeps its verdicts
+    # SMoE behind dense on every seed: every claim is "not interpretable", the measured verdict kept beside it.
+    bad = dict(ok, smoe={s: x + 0.3 for s, x in ok["smoe"].items()})
+    failed = V.sanity_check(_recs(bad), {})
+    assert failed["verdict"] == "fails" and "SMoE - dense at 100% is +0.2000" in failed["reasons"][0]
+    labelled = V.apply_sanity(V.verdicts(_recs(bad), [1]), failed)[1]
+    assert labelled["verdict"] == V.NOT_INTERPRETABLE and labelled["measured_verdict"] == "does not hold"
+    assert labelled["columns"]["100%"]["verdict"] == V.NOT_INTERPRETABLE
+    # A spike after warm-up fails the check even where SMoE beats dense.
+    spiked = V.sanity_check(_recs(ok), {"smoe-s1": [40, 41], "dense-s0": []})
+    assert spiked["verdict"] == "fails" and spiked["spikes_after_warmup"] == {"smoe-s1": [40, 41]}
+    assert "1 run(s) spiked after warm-up: smoe-s1 (steps 40, 41)" in spiked["reasons"][0]
+    # One seed or no dense: no verdict either way, and the claims keep theirs.
+    assert V.sanity_check(_recs({v: {1: x[1]} for v, x in ok.items()}), {})["verdict"] == V.NOT_TESTED
+    assert V.sanity_check(_recs({"smoe": ok["smoe"]}), {})["verdict"].startswith("not tested (no dense")
+    recs = [dict(r, params=1000, active_params=500, flops_per_token=2000, step=10) for r in _recs(bad)]
+    md = report.render_tables(recs, [1], "smoke", V.apply_sanity(V.verdicts(recs, [1]), failed), {}, sanity=failed)
+    assert md.index("## Sanity check (before any claim)") < md.index("## Table 1")
+    assert "**FAILS**" in md and "— NOT INTERPRETABLE** (measured: does not hold)" in md
+    assert "| not interpretable (measured: " in md
+
+
+def test_run_health_counts_spikes_after_warm_up_only(tmp_path):
+    from mhmoe.training.presets import preset
+
+    cfg = preset("smoke", "smoe").override("optim.warmup_steps", 3)
+    norms = [9.0, 1.0, 1.0, 1.0, 1.0, 8.0, 1.0, 1.0]  # step 1 (warm-up) and step 6 above 5x the median
+    recs = [{"step": i + 1, "grad_norm": g, "router_entropy": 1.0} for i, g in enumerate(norms)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    h = report.run_health(tmp_path, cfg)
+    assert h["spike_steps"] == [1, 6] and h["spike_steps_after_warmup"] == [6]
+
+
 def test_render_intervals_flops_and_paper_numbers():
     t1 = ["dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"]
     vals = {v: {1: 3.0 - i * 0.1, 2: 3.04 - i * 0.1} for i, v in enumerate(t1)}
