@@ -166,7 +166,7 @@ def tokenize_corpus(
         if len(offsets) == 1:
             raise DataError(f"corpus {name!r}: no documents (every input is empty or max_bytes is too small)")
         offsets_arr = np.asarray(offsets, dtype=np.int64)
-        atomic_write_bytes(stem.with_suffix(".docs.npy"), _npy_bytes(offsets_arr))
+        atomic_write_bytes(stem.with_suffix(".docs.npy"), npy_bytes(offsets_arr))
         os.replace(tmp_bin, stem.with_suffix(".bin"))
     except BaseException:
         Path(tmp_bin).unlink(missing_ok=True)
@@ -189,7 +189,7 @@ def tokenize_corpus(
     return opened
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()

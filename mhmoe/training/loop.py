@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from mhmoe.data.cache import TokenizedCorpus, tokenize_corpus
+from mhmoe.data.cache import TokenizedCorpus
 from mhmoe.data.corpora import resolve_data_root
+from mhmoe.data.pack import Pack, is_pack, load_corpus
 from mhmoe.data.sampler import TrainSampler
 from mhmoe.data.tokenizer import Tokenizer
 from mhmoe.distributed.dcp import (
@@ -113,6 +114,8 @@ def train(
     micro, accum = micro_batches(cfg, env.world)
     device = resolve_device(cfg)
     root = resolve_data_root(data_root, cfg.preset)  # a missing or too-small data root: say so before RUN_DIR exists
+    if is_pack(root):  # so is a pack built for another config
+        Pack(root).check(cfg.data)
     started = env.world > 1 and not dist.is_initialized()
     par = init_parallel(parallel, device, env)
     try:
@@ -134,8 +137,8 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
     eval_names = list(cfg.data.eval_domains) if cfg.eval_tokens else []
 
     def corpora(tok: Tokenizer) -> tuple[TokenizedCorpus, dict[str, TokenizedCorpus]]:
-        train_corpus = tokenize_corpus(cfg.data.train_corpus, tok, root, cache, cfg.data.max_train_bytes)
-        evals = {name: tokenize_corpus(name, tok, root, cache, eval_bytes(cfg, cfg.eval_tokens))
+        train_corpus = load_corpus(cfg.data.train_corpus, tok, root, cache, cfg.data.max_train_bytes)
+        evals = {name: load_corpus(name, tok, root, cache, eval_bytes(cfg, cfg.eval_tokens), cfg.eval_tokens)
                  for name in (eval_names if evaluating else [])}
         return train_corpus, evals
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from mhmoe.bitnet.ternary import WEIGHTS_FILE, integer_model, is_export_dir, read_ternary
-from mhmoe.data.cache import tokenize_corpus
 from mhmoe.data.corpora import corpus_files, resolve_data_root
+from mhmoe.data.pack import Pack, is_pack, load_corpus
 from mhmoe.data.tokenizer import Tokenizer, build_tokenizer
 from mhmoe.errors import CheckpointError, ConfigError, UserError
 from mhmoe.fileio import atomic_write_text, sha256_file
@@ -40,6 +40,12 @@ def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, root: Path, cache_dir: Pa
     run_tok = run_dir / "tokenizer"
     if (run_tok / "tokenizer.json").is_file():
         return Tokenizer.load(run_tok)
+    if is_pack(root):  # the pack's own tokenizer, once the pack is known to hold what this config reads
+        pack = Pack(root)
+        pack.check(cfg.data)
+        run_tok.mkdir(parents=True, exist_ok=True)
+        pack.tokenizer.save(run_tok)
+        return pack.tokenizer
     d = cfg.data
     files = corpus_files(d.train_corpus, root)
     key_src = json.dumps([d.tokenizer, d.vocab_size, d.tokenizer_train_bytes, d.train_corpus,
@@ -144,7 +150,7 @@ class LoadedRun:
     cache: Path
 
     def corpus(self, name: str, max_tokens: int = 0):  # noqa: ANN201
-        return tokenize_corpus(name, self.tokenizer, self.root, self.cache, eval_bytes(self.cfg, max_tokens))
+        return load_corpus(name, self.tokenizer, self.root, self.cache, eval_bytes(self.cfg, max_tokens), max_tokens)
 
 
 def load_config(run_dir: Path) -> TrainConfig:
