@@ -34,7 +34,7 @@ from mhmoe.paper_tables import Row
 from mhmoe.report import SPIKE_FACTOR
 from mhmoe.reproduce import SEED_BASE, PlannedRun, execute
 from mhmoe.training.config import TrainConfig
-from mhmoe.training.presets import cpu_scale
+from mhmoe.training.presets import cpu_scale, gpu_9min
 from mhmoe.verdicts import paired_interval
 
 DOMAINS = ("redpajama", "wikipedia", "c4")
@@ -60,10 +60,22 @@ def recipe(*, dim: int = 144, n_layers: int = 4, n_heads: int = 4, hidden_dim: i
     return build
 
 
+def gpu_9min_reduced(variant: str) -> TrainConfig:
+    """The `gpu-9min` preset's exact step schedule (600 steps of 64 x 256 tokens, lr 1.5e-3, 60 warm-up steps,
+    its 8192-token BPE) at reduced width and depth (d=96, 4 layers, SMoE 8 x 256), in float32 on the CPU;
+    evaluation cut to 16,384 tokens per domain (65,536 at the milestones) to save CPU time."""
+    cfg = gpu_9min(variant, dim=96, n_layers=4, n_heads=4, hidden_dim=256, preset_name="pilot")
+    cfg = cfg.replace(dtype="float32", device="cpu", eval_tokens=16_384)
+    return cfg.override("data.max_eval_tokens", 65_536)
+
+
 CANDIDATES: dict[str, tuple[Callable[[str], TrainConfig], tuple[str, ...]]] = {
     # C1: the 2026-12-03 `cpu` model (d=144, 4 layers, 4096-token BPE, 128-token windows, 4096 tokens per step)
-    # trained 9x longer: 1600 steps (6.6M tokens, 0.63 epochs of the 10.4M-token mix), 10% warm-up.
+    # trained 9x longer: 1600 steps (6.6M tokens, 0.63 epochs of the 10.4M-token mix), 10% warm-up. It became the
+    # `cpu` preset (its configuration is the preset's but for the name).
     "C1": (recipe(steps=1600), ("dense", "smoe")),
+    # G1: the `gpu-9min` preset's schedule at reduced width (gpu_9min_reduced).
+    "G1": (gpu_9min_reduced, ("dense", "smoe")),
 }
 
 
