@@ -144,6 +144,7 @@ def main() -> int:
     p.add_argument("--candidates", default=",".join(CANDIDATES), help=f"comma-separated: {', '.join(CANDIDATES)}")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--report", action="store_true", help="print the curves of the runs so far")
+    p.add_argument("--plot", default=None, help="with --report: write the curves to this PNG")
     p.add_argument("--data-root", default=os.environ.get("MHMOE_DATA_ROOT"))
     args = p.parse_args()
     names = [c for c in args.candidates.split(",") if c]
@@ -171,7 +172,41 @@ def main() -> int:
             print(f"{r['candidate']} {r['run']}: {r['steps_done']} steps, wall {r['wall_s']} s, grad-norm median "
                   f"{r['grad_norm_median']:.3f}, spikes after warm-up {r['spikes_after_warmup'][:8]}")
     (out / "pilot.json").write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, Path(args.plot))
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Per candidate: the paired differences (mean and 95% interval, per seed as dots) against training tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if "comparison" in r]
+    panels = sorted({(r["candidate"], r["comparison"]) for r in pts})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (cand, comp) in zip(axes[0], panels):
+        rs = sorted((r for r in pts if (r["candidate"], r["comparison"]) == (cand, comp)), key=lambda r: r["step"])
+        x = [r["tokens"] / 1e6 for r in rs]
+        ax.plot(x, [r["mean"] for r in rs], "o-", color="C0", label="mean of seeds")
+        lo = [r["ci95"][0] for r in rs]
+        hi = [r["ci95"][1] for r in rs]
+        if all(math.isfinite(v) for v in lo + hi):
+            ax.fill_between(x, lo, hi, color="C0", alpha=0.2, label="95% interval")
+        for i in range(len(rs[0]["diffs"])):
+            ax.plot(x, [r["diffs"][i] for r in rs], ".", color=f"C{i + 1}", ms=5, label=f"seed {i}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{cand}: {comp}")
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("Δ mean eval loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
