@@ -7,8 +7,8 @@
 # Steps, each under its own `timeout` and run whatever the previous one returned (exit codes in steps.tsv).
 # The whole check ends within TOTAL_S = 570 s: a step's limit is cut to what is left of it (less 60 s kept for the
 # summary and the packing), so the check's worst case is 570 s. Budget on an H100/H200, limit / expected:
-#   1. versions       45 s /  ~10 s  python, torch, CUDA, triton, transformers, the GPU;
-#   2. gpu_info       40 s /   ~3 s  nvidia-smi and a CSV of clocks, power limit, driver;
+#   1. versions       40 s /  ~10 s  python, torch, CUDA, triton, transformers, the GPU;
+#   2. gpu_info       30 s /   ~3 s  nvidia-smi and a CSV of clocks, power limit, driver;
 #   3. tests          90 s /  ~60 s  a targeted subset (TESTS below): profiling and its labels under compile,
 #                                    compile without graph breaks, the experts' dispatches, the bench and this
 #                                    check's summary; the fused-kernel tests too once they exist;
