@@ -2,8 +2,22 @@
 
     python benchmarks/gpu_check_summary.py OUT
 
-It reads what the steps left (steps.tsv, versions.log, tests.log, bench_layers.json, train_*/) and tolerates any
-of them missing or cut short: a failed step is reported with its exit code, never skipped silently.
+It reads what the steps left (steps.tsv, logs/: versions.log, tests.log, fallback.json, bench_layers.json,
+bench_train.json; profile/profile.json) and tolerates any of them missing or cut short: a failed step is reported
+with its exit code, never skipped silently, and an acceptance line whose data is missing says "not measured".
+
+Acceptance lines (`ACCEPTANCE`), each PASS, FAIL or not measured; a line with an interval is judged on its median
+and says when the interval straddles the target:
+  * MFU of each Table 1 model in `mhmoe bench train` against the check's peak (989 TFLOP/s unless
+    MHMOE_PEAK_TFLOPS says otherwise): dense >= 30%, the MoE models >= 25%;
+  * MH-MoE h=3's tokens/s x SMoE's (whole model, same rounds) >= 0.95;
+  * layer table, fwd+bwd, each layer on what dispatch="auto" picks: h=3 / SMoE time <= 1.15 and SMoE / dense FFN
+    time <= 1.6;
+  * the fastest of transformers' blocks (fwd+bwd) against our SMoE on auto: its time ratio's interval is not
+    entirely below 1 (transformers is not measurably faster);
+  * the fallback check: every MoE layer on the expected fused dispatch, no graph break.
+The "before" columns come from benchmarks/records/2026-12-04-gpu-before.json (measured then, other method: see
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -12,11 +26,20 @@ import json
 import sys
 from pathlib import Path
 
-from mhmoe.bench import run_throughput
+from mhmoe.bench.profile import format_profile
+from mhmoe.complexity import model_flops_per_token
+from mhmoe.fileio import atomic_write_text
+from mhmoe.training.presets import PAPER_VARIANTS, preset
 
-# Exit codes of `timeout`: the train steps are meant to end on it, every other step is not.
-TIMED_OUT = {124: "time limit", 137: "killed after the time limit", 130: "interrupted"}
-NOTES = {0: "ok", 127: "command not found", **TIMED_OUT}
+# Exit codes of `timeout`, and what the other codes of the steps mean.
+NOTES = {0: "ok", 1: "failed", 2: "bad arguments", 124: "time limit", 127: "command not found", 130: "interrupted",
+         137: "killed after the time limit"}
+BEFORE = Path(__file__).resolve().parent / "records" / "2026-12-04-gpu-before.json"
+MFU_MIN = {"dense": 0.30}  # every other model: MOE_MFU_MIN
+MOE_MFU_MIN = 0.25
+H3_TOK_S_MIN = 0.95
+LAYER_H3_MAX = 1.15
+LAYER_SMOE_DENSE_MAX = 1.6
 
 
 def _steps(out: Path) -> list[dict]:
@@ -31,9 +54,9 @@ def _steps(out: Path) -> list[dict]:
     return rows
 
 
-def _versions(out: Path) -> dict:
+def _versions(logs: Path) -> dict:
     info = {}
-    path = out / "versions.log"
+    path = logs / "versions.log"
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             key, sep, value = line.partition(":")
@@ -42,9 +65,9 @@ def _versions(out: Path) -> dict:
     return info
 
 
-def _tests(out: Path) -> str:
+def _tests(logs: Path) -> str:
     """pytest's last summary line ('N passed, M failed in S s'), or why there is none."""
-    path = out / "tests.log"
+    path = logs / "tests.log"
     if not path.is_file():
         return "no tests.log"
     lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
@@ -52,75 +75,189 @@ def _tests(out: Path) -> str:
     return (hits or lines or ["empty log"])[-1].strip("= ")
 
 
-def _bench(out: Path) -> dict | None:
-    path = out / "bench_layers.json"
+def _json(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    keep = ("variant", "impl", "dtype", "mode", "median_ms", "gflops", "mfu", "ratio_to_smoe", "ratio_ci",
-            "frac_of_gemm", "frac_of_gemm_ci", "rounds", "target_reached", "peak_mem_mb")
+
+
+def _layers(logs: Path) -> dict | None:
+    data = _json(logs / "bench_layers.json")
+    if data is None:
+        return None
+    keep = ("variant", "impl", "auto", "dtype", "mode", "median_ms", "gflops", "mfu", "ratio_to_smoe", "ratio_ci",
+            "ratio_to_smoe_auto", "ratio_to_smoe_auto_ci", "ratio_to_dense", "ratio_to_dense_ci", "frac_of_gemm",
+            "frac_of_gemm_ci", "rounds", "target_reached", "peak_mem_mb")
     meta = data.get("meta", {})
     return {"meta": {k: meta.get(k) for k in ("gpu", "torch", "cuda", "tokens", "dim", "hidden_dim", "peak_tflops",
                                               "sampling", "target_reached", "gemm_gflops")},
             "records": [{k: r.get(k) for k in keep} for r in data.get("records", [])]}
 
 
-def _train(out: Path, peak: float | None) -> list[dict]:
-    runs = []
-    for run_dir in sorted(p for p in out.glob("train_*") if p.is_dir()):
-        try:
-            runs.append(run_throughput(run_dir, peak))
-        except Exception as e:  # noqa: BLE001  a run that never wrote its config: report why, go on
-            runs.append({"variant": run_dir.name[len("train_"):], "error": f"{type(e).__name__}: {e}"})
-    return runs
+def _train(logs: Path) -> dict | None:
+    data = _json(logs / "bench_train.json")
+    if data is None:
+        return None
+    keep = ("variant", "dtype", "compile", "tokens_per_step", "micro_batch", "accum", "median_ms", "tok_per_s",
+            "gflops", "mfu", "ratio_to_smoe", "ratio_ci", "tok_s_x_smoe", "tok_s_x_smoe_ci", "rounds", "warmup_s",
+            "peak_mem_mb")
+    meta = data.get("meta", {})
+    return {"meta": {k: meta.get(k) for k in ("preset", "sampling", "peak_tflops", "gemm_gflops", "wall_s")},
+            "records": [{k: r.get(k) for k in keep} for r in data.get("records", [])]}
+
+
+def _before() -> dict:
+    """The 2026-12-04 figures by (variant, impl, mode) and by variant, with their MFU against 989 TFLOP/s."""
+    data = _json(BEFORE) or {}
+    layers = {(r["variant"], r["impl"], r["mode"]): r for r in data.get("bench_layers", {}).get("records", [])}
+    train = {}
+    for variant, tok_s in data.get("train", {}).get("tok_per_s", {}).items():
+        cfg = preset("gpu", variant)
+        train[variant] = {"tok_per_s": tok_s,
+                          "mfu": tok_s * 3 * model_flops_per_token(cfg.model, seq_len=cfg.seq_len) / 989e12}
+    return {"layers": layers, "train": train}
+
+
+def _line(name: str, target: str, value: float | None, ci: list | None = None, ok: bool | None = None,
+          note: str = "") -> dict:
+    verdict = "not measured" if value is None or ok is None else ("PASS" if ok else "FAIL")
+    return {"check": name, "target": target, "value": value, "ci": ci, "verdict": verdict, "note": note}
+
+
+def _straddles(ci: list | None, threshold: float) -> str:
+    return "interval straddles the target" if ci and ci[0] <= threshold <= ci[1] else ""
+
+
+def acceptance(layers: dict | None, train: dict | None, fallback: dict | None, peak: float | None) -> list[dict]:
+    """The acceptance lines (module docstring)."""
+    lines = []
+    recs = {r["variant"]: r for r in (train or {}).get("records", [])}
+    for v in PAPER_VARIANTS:
+        floor = MFU_MIN.get(v, MOE_MFU_MIN)
+        r = recs.get(v)
+        mfu = None if r is None or r.get("mfu") is None else 100 * r["mfu"]
+        lines.append(_line(f"MFU {v} (whole model)", f">= {100 * floor:.0f}% of {peak} TFLOP/s", mfu, None,
+                           None if mfu is None else mfu >= 100 * floor))
+    h3 = recs.get("mhmoe-h3")
+    v = None if h3 is None else h3.get("tok_s_x_smoe")
+    ci = None if h3 is None else h3.get("tok_s_x_smoe_ci")
+    lines.append(_line("mhmoe-h3 tokens/s x SMoE (whole model)", f">= {H3_TOK_S_MIN}", v, ci,
+                       None if v is None else v >= H3_TOK_S_MIN, _straddles(ci, H3_TOK_S_MIN)))
+    auto = {r["variant"]: r for r in (layers or {}).get("records", []) if r.get("mode") == "fwd+bwd" and r.get("auto")}
+    for name, variant, key, target in (("layer mhmoe-h3 / SMoE time (fwd+bwd, auto)", "mhmoe-h3", "ratio_to_smoe_auto",
+                                        LAYER_H3_MAX),
+                                       ("layer SMoE / dense FFN time (fwd+bwd, auto)", "smoe", "ratio_to_dense",
+                                        LAYER_SMOE_DENSE_MAX)):
+        r = auto.get(variant)
+        v = None if r is None else r.get(key)
+        ci = None if r is None else r.get(f"{key}_ci")
+        impl = "" if r is None else f"on {r['impl']}"
+        lines.append(_line(name, f"<= {target}", v, ci, None if v is None else v <= target,
+                           "; ".join(filter(None, (impl, _straddles(ci, target))))))
+    hf = [r for r in (layers or {}).get("records", []) if r["variant"].startswith("hf-") and r.get("mode") == "fwd+bwd"
+          and r.get("ratio_to_smoe_auto") is not None]
+    best = min(hf, key=lambda r: r["median_ms"], default=None)
+    v = None if best is None else best["ratio_to_smoe_auto"]
+    ci = None if best is None else best.get("ratio_to_smoe_auto_ci")
+    lines.append(_line("fastest transformers block / our SMoE time (fwd+bwd)", "interval not entirely below 1", v, ci,
+                       None if ci is None else ci[1] >= 1.0, "" if best is None else best["variant"]))
+    ok = None if fallback is None else bool(fallback.get("ok"))
+    lines.append(_line(f"fallback check: every MoE layer on {(fallback or {}).get('expect', '?')}, 0 graph breaks",
+                       "all five models", None if ok is None else float(ok), None, ok,
+                       "" if fallback is None else "; ".join(r["line"] for r in fallback.get("variants", [])
+                                                             if not r.get("ok"))))
+    return lines
 
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ci(v: float | None, ci: list | None, spec: str = ".3f") -> str:
+    if v is None:
+        return "-"
+    return _fmt(v, spec) + ("" if not ci else f" [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]")
+
+
 def markdown(summary: dict) -> str:
     v = summary["versions"]
+    dry = v.get("dry_run") == "1"
     lines = ["# GPU check", "",
              f"- date {v.get('date', '?')}, {v.get('gpu', 'no GPU seen by torch')}; torch {v.get('torch', '?')}, "
-             f"CUDA {v.get('cuda', '?')}; "
-             f"peak for MFU {summary['peak_tflops']} TFLOP/s" + (" (CPU dry run: not a GPU figure)"
-                                                                  if v.get("dry_run") == "1" else ""),
+             f"CUDA {v.get('cuda', '?')}, triton {v.get('triton', '?')}, transformers {v.get('transformers', '?')}; "
+             f"git {v.get('git', '?')[:12]}",
+             f"- peak for MFU {summary['peak_tflops']} TFLOP/s" + (" (CPU dry run: no figure here is a GPU figure)"
+                                                                   if dry else ""),
              f"- tests: {summary['tests']}", "", "| step | exit | seconds | note |", "|---|---:|---:|---|"]
     for s in summary["steps"]:
         rc = s["exit_code"]
-        note = NOTES.get(rc, "failed")
-        if s["step"].startswith("train_") and rc in TIMED_OUT:
-            note = "stopped by the time limit, as planned"
-        lines.append(f"| {s['step']} | {rc} | {s['seconds']} | {note} |")
-    bench = summary["bench_layers"]
-    if bench is None:
-        lines += ["", "bench layers: no JSON (see bench_layers.log)"]
+        lines.append(f"| {s['step']} | {rc} | {s['seconds']} | {NOTES.get(rc, 'failed')} |")
+    lines += ["", "## Acceptance", "", "| check | target | measured [95% CI] | verdict | note |",
+              "|---|---|---:|---|---|"]
+    for a in summary["acceptance"]:
+        value = a["value"]
+        shown = "-" if value is None else ("yes" if a["check"].startswith("fallback") and value else
+                                           "no" if a["check"].startswith("fallback") else _ci(value, a["ci"], ".3g"))
+        lines.append(f"| {a['check']} | {a['target']} | {shown} | **{a['verdict']}** | {a['note']} |")
+    fb = summary["fallback"]
+    lines += ["", "## Fallback check", ""]
+    lines += ["no fallback.json (see the fallback log)"] if fb is None else [f"- {r['line']}" for r in fb["variants"]]
+    lines += _layer_md(summary["bench_layers"], summary["before"]["layers"])
+    lines += _train_md(summary["bench_train"], summary["before"]["train"])
+    prof = summary["profile"]
+    lines += ["", "## Profile (mhmoe bench train --profile)", ""]
+    if prof is None:
+        lines.append("no profile/profile.json")
     else:
-        m = bench["meta"]
-        loops = "; ".join(f"{k}: {s.get('rounds')} rounds in {s.get('seconds')} s, every interval within the "
-                          f"target: {s.get('target_reached')}" for k, s in (m.get("sampling") or {}).items())
-        lines += ["", f"## bench layers ({m.get('tokens')} tokens, d={m.get('dim')}; {loops})", "",
-                  "| variant | impl | dtype | mode | median ms | GFLOP/s | MFU | x smoe [95% CI] | of GEMM [95% CI] |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        table = format_profile(prof).split("\n## ")[0].splitlines()
+        lines += [ln for ln in table if not ln.startswith("# ")]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _layer_md(bench: dict | None, before: dict) -> list[str]:
+    if bench is None:
+        return ["", "## Layer table: no bench_layers.json (see its log)"]
+    m = bench["meta"]
+    loops = "; ".join(f"{k}: {s.get('rounds')} rounds in {s.get('seconds')} s, every interval within the target: "
+                      f"{s.get('target_reached')}" for k, s in (m.get("sampling") or {}).items())
+    out = ["", f"## Layer table ({m.get('tokens')} tokens, d={m.get('dim')}; {loops})", "",
+           "`*` = what dispatch=\"auto\" runs on this device. x SMoE = time / SMoE's on auto, in the same rounds. "
+           "before = 2026-12-04 (bench_layers, eager, other rounds).", "",
+           "| variant | impl | mode | median ms | MFU | x SMoE auto [95% CI] | x dense [95% CI] | before ms |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+    for mode in ("fwd+bwd", "fwd"):
         for r in bench["records"]:
-            ci, fci = r.get("ratio_ci") or [None, None], r.get("frac_of_gemm_ci") or [None, None]
-            lines.append(
-                f"| {r['variant']} | {r['impl']} | {r['dtype']} | {r['mode']} | {_fmt(r['median_ms'], '.2f')} | "
-                f"{_fmt(r['gflops'], '.0f')} | {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}% | "
-                f"{_fmt(r['ratio_to_smoe'], '.2f')} [{_fmt(ci[0], '.2f')}, {_fmt(ci[1], '.2f')}] | "
-                f"{_fmt(r['frac_of_gemm'], '.2f')} [{_fmt(fci[0], '.2f')}, {_fmt(fci[1], '.2f')}] |")
-    lines += ["", "## train (median over logged steps after the first 10%)", "",
-              "| model | steps used | tokens/s | GFLOP/s | MFU |", "|---|---:|---:|---:|---:|"]
-    for t in summary["train"]:
-        if "error" in t:
-            lines.append(f"| {t['variant']} | - | - | - | {t['error'][:80]} |")
-            continue
-        mfu = None if t["mfu"] is None else 100 * t["mfu"]
-        lines.append(f"| {t['variant']} | {t['steps_used']} | {_fmt(t['tok_per_s'], ',.0f')} | "
-                     f"{_fmt(t['gflops'], '.0f')} | {_fmt(mfu, '.1f')}% |")
-    return "\n".join(lines) + "\n"
+            if r["mode"] != mode:
+                continue
+            b = before.get((r["variant"], r["impl"], mode))
+            mfu = None if r["mfu"] is None else 100 * r["mfu"]
+            out.append(f"| {r['variant']} | {r['impl']}{'*' if r.get('auto') else ''} | {mode} | "
+                       f"{_fmt(r['median_ms'], '.3f')} | {_fmt(mfu, '.1f')}% | "
+                       f"{_ci(r.get('ratio_to_smoe_auto'), r.get('ratio_to_smoe_auto_ci'), '.2f')} | "
+                       f"{_ci(r.get('ratio_to_dense'), r.get('ratio_to_dense_ci'), '.2f')} | "
+                       f"{_fmt(None if b is None else b['median_ms'], '.3f')} |")
+    return out
+
+
+def _train_md(bench: dict | None, before: dict) -> list[str]:
+    if bench is None:
+        return ["", "## Whole model: no bench_train.json (see its log)"]
+    m = bench["meta"]
+    s = (m.get("sampling") or {}).get("train", {})
+    out = ["", f"## Whole model (`mhmoe bench train`, preset {m.get('preset')}; {s.get('rounds')} timed steps each, "
+           f"shuffled rounds)", "",
+           "before = 2026-12-04, `mhmoe train` seed 0 (eager, one micro-batch per step; benchmarks/RESULTS.md).", "",
+           "| model | compile | tokens/step | ms/step | tokens/s | MFU | tokens/s x SMoE [95% CI] | before tokens/s "
+           "(MFU) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in bench["records"]:
+        b = before.get(r["variant"])
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        was = "-" if b is None else f"{b['tok_per_s']:,.0f} ({100 * b['mfu']:.1f}%)"
+        out.append(f"| {r['variant']} | {r.get('compile')} | {r['tokens_per_step']:,} | "
+                   f"{_fmt(r['median_ms'], '.1f')} | {_fmt(r['tok_per_s'], ',.0f')} | {_fmt(mfu, '.1f')}% | "
+                   f"{_ci(r.get('tok_s_x_smoe'), r.get('tok_s_x_smoe_ci'), '.3f')} | {was} |")
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -128,15 +265,22 @@ def main(argv: list[str]) -> int:
         print("usage: python benchmarks/gpu_check_summary.py OUT", file=sys.stderr)
         return 2
     out = Path(argv[0])
-    versions = _versions(out)
+    logs = out / "logs"
+    versions = _versions(logs)
     try:
         peak = float(versions.get("peak_tflops", ""))
     except ValueError:
         peak = None
-    summary = {"versions": versions, "peak_tflops": peak, "steps": _steps(out), "tests": _tests(out),
-               "bench_layers": _bench(out), "train": _train(out, peak)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(markdown(summary), encoding="utf-8")
+    layers, train, fallback = _layers(logs), _train(logs), _json(logs / "fallback.json")
+    summary = {"versions": versions, "peak_tflops": peak, "steps": _steps(out), "tests": _tests(logs),
+               "acceptance": acceptance(layers, train, fallback, peak), "fallback": fallback,
+               "bench_layers": layers, "bench_train": train, "profile": _json(out / "profile" / "profile.json")}
+    before = {"layers": {}, "train": {}} if versions.get("dry_run") == "1" else _before()  # CPU toys: no before
+    summary["before"] = before
+    text = markdown(summary)
+    summary["before"] = {"layers": list(before["layers"].values()), "train": before["train"]}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "summary.md", text)
     return 0
 
 

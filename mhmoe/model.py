@@ -25,6 +25,7 @@ from mhmoe.layers.attention import Attention, KVCache, rope_tables
 from mhmoe.layers.build import build_ffn
 from mhmoe.layers.config import FFNConfig, MoEAux
 from mhmoe.layers.norm import RMSNorm
+from mhmoe.profiling import ATTENTION, BLOCK, HEAD_MERGE, label
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos, sin, cache: KVCache | None,  # noqa: ANN001
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
-        if self.merge_after_residual:  # the alternative placement: W_merge applied to (x + y') instead of y'
-            y, aux = self.ffn(self.ffn_norm(x), apply_merge=False)
-            return self.ffn.merge(x + y), aux
-        y, aux = self.ffn(self.ffn_norm(x))
-        return x + y, aux
+        with label(BLOCK):  # profiler ranges (mhmoe.profiling); no-ops unless a profiler records eager code
+            with label(ATTENTION):
+                a = self.attn(self.attn_norm(x), cos, sin, cache, mask)
+            x = x + a
+            if self.merge_after_residual:  # the alternative placement: W_merge applied to (x + y') instead of y'
+                y, aux = self.ffn(self.ffn_norm(x), apply_merge=False)
+                with label(HEAD_MERGE):
+                    return self.ffn.merge(x + y), aux
+            y, aux = self.ffn(self.ffn_norm(x))
+            return x + y, aux
 
 
 class Transformer(nn.Module):

@@ -1,9 +1,10 @@
 """`mhmoe bench`: the speed of the layer family and of whole-model training, against the peer users would pick.
 
     mhmoe bench layers [--json] [--tokens 4096] [--dim 768] [--hidden-dim 2048] [--num-experts 8] [--threads 1]
-                       [--dtypes float32,bfloat16] [--impls sorted,grouped_mm,naive,intra-op] [--no-hf]
+                       [--dtypes float32,bfloat16] [--impls auto,sorted,grouped_mm,naive,intra-op] [--no-hf]
                        [--rounds 6] [--target-ci 0.03] [--max-seconds 300] [--device cpu] [--peak-tflops X]
-    mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--threads 0] [--compile]
+    mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--threads 0] [--compile [MODE]]
+                       [--profile DIR] [--profile-variants smoe,...] [--profile-steps 2]
                        [--rounds 6] [--target-ci 0.03] [--max-seconds 300] [--device cpu] [--peak-tflops X]
 
 Layers: the paper's five FFNs, FLOPs-matched by the section 2.3 calculator (at d=768: SMoE 8 x 2048 top-1,
@@ -35,15 +36,25 @@ rate in each round, so a slow stretch of the shared machine hits both alike. It 
 router and dispatch included, as a fraction of what the machine's GEMM does. `peak_mem_mb` is the peak of live
 tensor memory (parameters included) during one untimed pass (device.py).
 
-Train: one optimizer step (forward, backward, AdamW) of the preset's model per variant on random tokens (bf16
-presets under autocast, as `mhmoe train` runs them), sampled like the layers; tokens/s = batch tokens / median
-step time. `--compile` wraps each model in torch.compile (the experts' dispatch stays eager, see
-`Experts.forward`); `warmup_s` records the untimed warm-up steps (two when compiling, one otherwise), which is
-where the compilation happens.
+`--impls auto` adds, for each MoE layer, the implementation dispatch="auto" picks on this device and dtype (on
+CUDA in bf16: grouped_mm; on CPU: sorted), flags those records (and the dense layer's) `auto`, and gives every
+record `ratio_to_smoe_auto` (time / SMoE-on-auto's) and `ratio_to_dense` (time / the dense layer's), with intervals.
 
-Files: stats.py (rounds, intervals, sampling), layers.py and train.py (what is timed), variants.py (the layers
-and the naive loop), peer.py (transformers' Mixtral block), checks.py (equal outputs and gradients), impl.py (a
-timed callable), device.py, mfu.py, hardware.py (what ran it), report.py (tables); the flags live in mhmoe/cli/bench.py.
+Train: optimizer steps of the preset's model per variant on random tokens, each as `mhmoe train` runs it
+(`train.training_step`: the schedule's learning rate, every micro-batch of tokens_per_step under the run's autocast,
+gradient clipping, the routing monitor and the step's one host transfer, then AdamW), sampled like the layers;
+tokens/s = tokens_per_step / median step time, `tok_s_x_smoe` its ratio to SMoE's in the same rounds. The tokens
+are drawn on the device (no corpus, no host copy). `--compile` is the preset's compile mode by default (as `mhmoe
+train`), `off`, or `on` (bare `--compile`); `warmup_s` records the untimed warm-up steps (two when compiling, one
+otherwise), which is where the compilation happens. `--profile DIR`: after the warm-up, `--profile-steps` steps of
+each `--profile-variants` variant under torch.profiler, their time split into attention, norms, router, MoE
+permutation, expert GEMMs, dense FFN, head/merge, LM head + loss, optimizer and other (profile.py, with the rules
+for what no label covers): DIR/profile.md, DIR/profile.json, DIR/trace.json.
+
+Files: stats.py (rounds, intervals, sampling), layers.py and train.py (what is timed), profile.py (a step's time
+by part), variants.py (the layers and the naive loop), peer.py (transformers' Mixtral block), checks.py (equal
+outputs and gradients), impl.py (a timed callable), device.py, mfu.py, hardware.py (what ran it), report.py
+(tables); the flags live in mhmoe/cli/bench.py; the labels in the model code in mhmoe/profiling.py.
 
 Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, N = T*H sub-tokens.
 """
@@ -56,6 +67,7 @@ from mhmoe.bench.impl import Impl
 from mhmoe.bench.layers import MODES, bench_layers, build_layer_impls
 from mhmoe.bench.mfu import mfu, peak_tflops, run_throughput
 from mhmoe.bench.peer import hf_implementations, hf_mixtral_block
+from mhmoe.bench.profile import PARTS, profile_steps
 from mhmoe.bench.report import format_table
 from mhmoe.bench.stats import (
                                MedianCI,
@@ -69,7 +81,8 @@ from mhmoe.bench.stats import (
 from mhmoe.bench.train import bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants, naive_forward
 
-__all__ = ["MALLOC_ENV", "MODES", "PAPER_LAYERS", "Impl", "MedianCI", "Ratio", "bench_layers", "bench_train",
-           "build_layer_impls", "check_against", "format_table", "hardware", "hf_implementations", "hf_mixtral_block",
-           "layer_variants", "median_ci", "mfu", "naive_forward", "order_statistic_indices", "paired_frac_of_gemm",
-           "peak_memory_mb", "peak_tflops", "run_throughput", "sample_rounds", "timed_rounds"]
+__all__ = ["MALLOC_ENV", "MODES", "PAPER_LAYERS", "PARTS", "Impl", "MedianCI", "Ratio", "bench_layers",
+           "bench_train", "build_layer_impls", "check_against", "format_table", "hardware", "hf_implementations",
+           "hf_mixtral_block", "layer_variants", "median_ci", "mfu", "naive_forward", "order_statistic_indices",
+           "paired_frac_of_gemm", "peak_memory_mb", "peak_tflops", "profile_steps", "run_throughput",
+           "sample_rounds", "timed_rounds"]

@@ -20,6 +20,7 @@ class Impl:
     flops_fwd: int  # forward matmul FLOPs of one call
     module: nn.Module
     fn: Callable[[torch.Tensor], tuple[torch.Tensor, MoEAux | None]]
+    auto: bool = False  # what dispatch="auto" runs on this device and dtype (`--impls auto`)
 
 
 def _fwd(impl: Impl, x: torch.Tensor) -> torch.Tensor:

@@ -21,40 +21,50 @@ from mhmoe.bench.stats import Ratio, sample_rounds, summarise
 from mhmoe.bench.variants import layer_variants, naive_forward
 from mhmoe.complexity import flops_per_token
 from mhmoe.layers.build import build_ffn
+from mhmoe.layers.experts import resolve_dispatch
 
 MODES = ("fwd", "fwd+bwd")
+
+
+NOT_DISPATCHES = ("auto", "sorted", "naive", "intra-op")  # --impls that are not an FFNConfig.dispatch to build
 
 
 def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Tensor, g: torch.Tensor,
                       log: Callable[[str], None]) -> list[Impl]:
     """Our five layers (+ the requested alternative dispatches), the HF peers and the GEMM reference, each
-    checked against our sorted layer on (x, g) before it is returned."""
+    checked against our sorted layer on (x, g) before it is returned. "auto" in args.impls adds the dispatch
+    dispatch="auto" resolves to for x (its device and dtype) and flags its Impl (and the dense layer's) `auto`."""
     impls: list[Impl] = []
     smoe_layer = None
+    want_auto = "auto" in args.impls
     for i, (name, cfg) in enumerate(layer_variants(args.dim, args.hidden_dim, args.num_experts).items()):
         torch.manual_seed(args.seed + i)
+        auto = resolve_dispatch("auto", x.device, cfg.head_dim, cfg.hidden_dim, dtype) if cfg.kind == "moe" else None
         if cfg.kind == "moe":  # the `sorted` impl is sorted on every device (the default "auto" is grouped_mm on CUDA)
             cfg = cfg.replace(dispatch="sorted")
         layer = build_ffn(cfg).to(x.device, dtype)
         flops = flops_per_token(cfg).total * args.tokens
         if cfg.kind == "dense":
-            impls.append(Impl(name, "dense", flops, layer, layer))
+            impls.append(Impl(name, "dense", flops, layer, layer, auto=want_auto))
             continue
         smoe_layer = layer if name == "smoe" else smoe_layer
-        impls.append(Impl(name, "sorted", flops, layer, layer))
-        if "grouped_mm" in args.impls:
+        impls.append(Impl(name, "sorted", flops, layer, layer, auto=want_auto and auto == "sorted"))
+        others = [d for d in args.impls if d not in NOT_DISPATCHES]
+        if want_auto and auto not in others and auto != "sorted":
+            others.append(auto)
+        for dispatch in others:
             try:
-                glayer = build_ffn(cfg.replace(dispatch="grouped_mm")).to(x.device, dtype)
-            except ValueError as e:  # grouped_mm's alignment rule
-                log(f"{name}/grouped_mm: skipped ({e})")
-                glayer = None
-        if "grouped_mm" in args.impls and glayer is not None:
-            glayer.load_state_dict(layer.state_dict())
+                other = build_ffn(cfg.replace(dispatch=dispatch)).to(x.device, dtype)
+            except ValueError as e:  # a dispatch's layout rule (grouped_mm's alignment)
+                log(f"{name}/{dispatch}: skipped ({e})")
+                continue
+            other.load_state_dict(layer.state_dict())
             try:
-                check_against(f"{name}/grouped_mm", glayer, glayer, layer, layer, x, g, dtype, lambda d: d)
-                impls.append(Impl(name, "grouped_mm", flops, glayer, glayer))
-            except (RuntimeError, NotImplementedError) as e:  # torch's grouped_mm kernel lacks this device/dtype
-                log(f"{name}/grouped_mm: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                check_against(f"{name}/{dispatch}", other, other, layer, layer, x, g, dtype, lambda d: d)
+            except (RuntimeError, NotImplementedError) as e:  # torch's kernel lacks this device/dtype
+                log(f"{name}/{dispatch}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                continue
+            impls.append(Impl(name, dispatch, flops, other, other, auto=want_auto and dispatch == auto))
         if "naive" in args.impls:
             naive = lambda t, layer=layer: naive_forward(layer, t)  # noqa: E731
             check_against(f"{name}/naive", naive, layer, layer, layer, x, g, dtype, lambda d: d)
@@ -106,10 +116,13 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
 def layer_ratios(impls: list[Impl], mode: str) -> dict[tuple[str, str, str], dict[str, Ratio]]:
     """The per-round comparisons of each timed implementation in `mode`, by record key and JSON name:
     ratio_to_smoe (time / SMoE sorted's), ratio_to_sorted (time / the same variant's sorted layer's, for our
-    MoE variants) and frac_of_gemm (rate / the GEMM's rate; the x3 of fwd+bwd cancels)."""
+    MoE variants), frac_of_gemm (rate / the GEMM's rate; the x3 of fwd+bwd cancels), and with an auto
+    implementation ratio_to_smoe_auto (time / the time of SMoE on the dispatch auto picks) and ratio_to_dense
+    (time / the dense layer's)."""
     gemm = next(im for im in impls if im.impl == "gemm")
     gemm_key = (mode, "gemm", "gemm")
     have = {(im.variant, im.impl) for im in impls}
+    smoe_auto = next((im.impl for im in impls if im.variant == "smoe" and im.auto), None)
     out = {}
     for im in impls:
         if im.impl == "gemm":
@@ -119,6 +132,10 @@ def layer_ratios(impls: list[Impl], mode: str) -> dict[tuple[str, str, str], dic
                   "ratio_to_smoe": Ratio(key, (mode, "smoe", "sorted"))}
         if (im.variant, "sorted") in have:
             ratios["ratio_to_sorted"] = Ratio(key, (mode, im.variant, "sorted"))
+        if smoe_auto is not None:
+            ratios["ratio_to_smoe_auto"] = Ratio(key, (mode, "smoe", smoe_auto))
+            if ("dense", "dense") in have:
+                ratios["ratio_to_dense"] = Ratio(key, (mode, "dense", "dense"))
         out[key] = ratios
     return out
 
@@ -171,7 +188,8 @@ def bench_layers(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[
                 med = statistics.median(ts)
                 gflops = im.flops_fwd * mult / med / 1e9
                 records.append({
-                    "variant": im.variant, "impl": im.impl, "dtype": dname, "mode": mode, "device": device.type,
+                    "variant": im.variant, "impl": im.impl, "auto": im.auto, "dtype": dname, "mode": mode,
+                    "device": device.type,
                     "threads": torch.get_num_threads(), "median_ms": med * 1e3, "gflops": gflops,
                     "mfu": mfu(gflops, args.peak), "peak_mem_mb": peak.get((im.variant, im.impl, mode)),
                     "ratio_to_sorted": None, "ratio_to_sorted_ci": None,

@@ -17,12 +17,13 @@ from mhmoe.bench.layers import MODES, bench_layers
 from mhmoe.bench.mfu import peak_tflops
 from mhmoe.bench.report import format_sampling, format_table, format_train_lines
 from mhmoe.bench.stats import LEVEL
-from mhmoe.bench.train import bench_train
+from mhmoe.bench.train import COMPILE_MODES, bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants
 from mhmoe.errors import UserError
 from mhmoe.training.device import cpu_has_fast_bf16
 from mhmoe.training.presets import PRESETS, preset_names
 
+IMPLS = ("auto", "sorted", "grouped_mm", "naive", "intra-op")
 MAX_SECONDS = 300.0  # of timed rounds per sampling loop: a 1-thread d=768 layer run gets about 15 rounds
 
 
@@ -58,6 +59,18 @@ def _sampling_flags(args: argparse.Namespace) -> None:
     bench_device(args.device)
 
 
+def _profile_flags(args: argparse.Namespace) -> None:
+    """--profile DIR, --profile-variants (a subset of --variants; default all), --profile-steps (>= 1)."""
+    if args.profile_steps < 1:
+        raise UserError(f"--profile-steps: must be >= 1, got {args.profile_steps}")
+    if args.profile_variants is None:
+        args.profile_variants = list(args.variants)
+    else:
+        args.profile_variants = _split(args.profile_variants, tuple(args.variants), "--profile-variants")
+    if args.profile is not None and not args.profile.strip():
+        raise UserError("--profile: expected a folder for trace.json, profile.md and profile.json, got ''")
+
+
 def _cli(args: argparse.Namespace) -> int:
     for flag in ("tokens", "dim", "hidden_dim", "num_experts", "rounds"):
         if getattr(args, flag, 1) < 1:
@@ -79,7 +92,7 @@ def _cli(args: argparse.Namespace) -> int:
             fast = args.device == "cuda" or cpu_has_fast_bf16()
             args.dtypes = "float32,bfloat16" if fast else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
-        args.impls = _split(args.impls, ("sorted", "grouped_mm", "naive", "intra-op"), "--impls")
+        args.impls = _split(args.impls, IMPLS, "--impls")
         if args.dim % 6:
             raise UserError(f"--dim: must be divisible by 2 and 3 (MH-MoE h=2 and h=3), got {args.dim}")
         try:
@@ -95,7 +108,11 @@ def _cli(args: argparse.Namespace) -> int:
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         if args.dtypes is not None:
             args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
-        meta.update(preset=args.preset, rounds=args.rounds)
+        if args.compile not in COMPILE_MODES:
+            raise UserError(f"--compile: expected one of {', '.join(COMPILE_MODES)} (bare --compile: on), "
+                            f"got {args.compile!r}")
+        _profile_flags(args)
+        meta.update(preset=args.preset, rounds=args.rounds, compile=args.compile, profile=args.profile)
         records, gemm, sampling = bench_train(args, log)
     meta.update(
         device=args.device, min_rounds=args.rounds, target_ci=args.target_ci, max_seconds=args.max_seconds,
@@ -137,13 +154,22 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                      help="float32 and/or bfloat16 (default: both where the CPU has native bf16, else float32)")
     lay.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     lay.add_argument("--impls", default="sorted",
-                     help="our implementations: sorted, grouped_mm, naive, intra-op (default sorted)")
+                     help="our implementations: auto (what dispatch='auto' resolves to on --device), sorted, "
+                          "grouped_mm, naive, intra-op (default sorted)")
     lay.add_argument("--no-hf", action="store_true", help="leave out transformers' Mixtral block")
     tr = what.add_parser("train", help="whole-model training steps per second of the preset's five variants")
     tr.add_argument("--preset", default="tiny", help=f"{preset_names()} sizes (default tiny)")
     tr.add_argument("--variants", default=",".join(PAPER_LAYERS), help="comma-separated model variants")
     tr.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
-    tr.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up time in warmup_s)")
+    tr.add_argument("--compile", nargs="?", const="on", default="preset", metavar="MODE",
+                    help=f"{', '.join(COMPILE_MODES)}: compile each model as `mhmoe train` does for the preset "
+                         "(default), or not, or always (bare --compile: on); warm-up time in warmup_s")
+    tr.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the warm-up, profile --profile-steps steps of each --profile-variants variant: "
+                         "DIR/trace.json, DIR/profile.md, DIR/profile.json (the step split into its parts)")
+    tr.add_argument("--profile-variants", default=None,
+                    help="comma-separated subset of --variants to profile (default: all)")
+    tr.add_argument("--profile-steps", type=int, default=2, help="optimizer steps per profiled variant (default 2)")
     tr.add_argument("--dtypes", default=None,
                     help="float32 and/or bfloat16 (default: the preset's); with both, each bfloat16 record has its "
                          "time x the float32 one's")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhmoe.layers.config import FFNConfig, MoEAux
+from mhmoe.profiling import DENSE_FFN, label
 
 
 class SwiGLU(nn.Module):
@@ -34,4 +35,5 @@ class DenseFFN(nn.Module):
         self.ffn = SwiGLU(cfg.dim, cfg.hidden_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:  # [B, T, D]
-        return self.ffn(x), MoEAux.zeros(x.device)
+        with label(DENSE_FFN):
+            return self.ffn(x), MoEAux.zeros(x.device)

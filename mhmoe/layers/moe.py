@@ -24,6 +24,7 @@ from mhmoe.layers.experts import Experts, expert_capacity
 from mhmoe.layers.ffn import SwiGLU
 from mhmoe.layers.router import Routing, TopKRouter, load_balancing_loss, probs_entropy, router_entropy, z_loss
 from mhmoe.layers.routing_stats import expert_activation, load_cv, load_max_mean, subtoken_distinct
+from mhmoe.profiling import EXPERTS, HEAD_MERGE, ROUTER, ROUTER_AUX, SHARED_EXPERT, label
 
 
 class MoELayer(nn.Module):
@@ -50,22 +51,29 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         shape = x.shape
         tokens = x.reshape(-1, cfg.dim)  # [BT, D]
-        h = self.head(tokens) if self.head is not None else tokens  # eq. (2)
-        sub = rearrange(h, "n (h d) -> (n h) d", h=cfg.heads)  # [N, D/H], sub-tokens of a token adjacent
-        routing = self.router(sub)
+        with label(HEAD_MERGE):  # profiler ranges (mhmoe.profiling); no-ops unless a profiler records eager code
+            h = self.head(tokens) if self.head is not None else tokens  # eq. (2)
+            sub = rearrange(h, "n (h d) -> (n h) d", h=cfg.heads)  # [N, D/H], sub-tokens of a token adjacent
+        with label(ROUTER):
+            routing = self.router(sub)
         capacity = None
         if self.training and cfg.capacity_factor > 0:  # evaluation never drops: outputs stay batch-independent
             capacity = expert_capacity(routing.indices.numel(), cfg.num_experts, cfg.capacity_factor)
-        y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity)  # eq. (3), [N, D/H]
-        y = rearrange(y_sub, "(n h) d -> n (h d)", h=cfg.heads)  # [BT, D]
-        if self.merge is not None and apply_merge:
-            y = self.merge(y)  # eq. (4)
+        with label(EXPERTS):
+            y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity)  # eq. (3), [N, D/H]
+        with label(HEAD_MERGE):
+            y = rearrange(y_sub, "(n h) d -> n (h d)", h=cfg.heads)  # [BT, D]
+            if self.merge is not None and apply_merge:
+                y = self.merge(y)  # eq. (4)
         if self.shared is not None:
-            y = y + self.shared(tokens)
+            with label(SHARED_EXPERT):
+                y = y + self.shared(tokens)
         sequences = shape[0] if x.dim() == 3 else 1  # an [N, D] input counts as one sequence
-        # A 0-d tensor of the device from the dispatcher: no host sync.
-        dropped = torch.as_tensor(stats.dropped, device=x.device).float() / max(1, routing.indices.numel())
-        return y.reshape(shape), moe_aux(cfg, routing, stats.tokens_per_expert, dropped, sequences)
+        with label(ROUTER_AUX):
+            # A 0-d tensor of the device from the dispatcher: no host sync.
+            dropped = torch.as_tensor(stats.dropped, device=x.device).float() / max(1, routing.indices.numel())
+            aux = moe_aux(cfg, routing, stats.tokens_per_expert, dropped, sequences)
+        return y.reshape(shape), aux
 
 
 def moe_aux(cfg: FFNConfig, routing: Routing, tokens_per_expert: torch.Tensor, dropped_fraction: torch.Tensor,

@@ -22,6 +22,7 @@ from mhmoe.data.sampler import TrainSampler
 from mhmoe.distributed.parallel import Parallel, clip_grad_norm, sync_expert_grads
 from mhmoe.layers.config import MoEAux
 from mhmoe.model import ModelOutput
+from mhmoe.profiling import MODEL, OPTIMIZER, label
 from mhmoe.training.routing_health import RoutingMonitor
 
 # How a per-layer metric of one micro-batch becomes its metrics.jsonl value:
@@ -144,12 +145,13 @@ def train_step(step: int, net: nn.Module, model: nn.Module, sampler: TrainSample
         # DDP all-reduces on the last micro-batch only; FSDP2 reduce-scatters each one.
         sync = net.no_sync() if ddp and micro < accum - 1 else nullcontext()
         with sync:
-            with autocast:
+            with autocast, label(MODEL):  # profiler ranges (mhmoe.profiling): no-ops unless a profiler records
                 out = net(x, y)
             (out.loss / accum).backward()
         stats.add(out)
         routing.add(out.aux)
     sync_expert_grads(model, par)
-    grad_norm = clip_grad_norm(model, par, grad_clip) if grad_clip > 0 else None
+    with label(OPTIMIZER):
+        grad_norm = clip_grad_norm(model, par, grad_clip) if grad_clip > 0 else None
     routing.end_step(step + 1)
     return stats.to_host(par, grad_norm, routing)

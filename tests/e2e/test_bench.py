@@ -137,11 +137,45 @@ def test_bench_train_json_contract(capsys):
     for r in recs:
         assert RECORD_KEYS <= set(r) and r["mode"] == "train" and r["dtype"] == "float32" and r["rounds"] == 3
         assert r["tok_per_s"] == pytest.approx(r["tokens_per_step"] / (r["median_ms"] / 1e3))
+        assert r["tokens_per_step"] == r["micro_batch"] * r["accum"] * 64  # the smoke preset's 64-token windows
         assert r["ratio_ci"][0] <= r["ratio_to_smoe"] <= r["ratio_ci"][1]
+        assert r["tok_s_x_smoe_ci"][0] <= r["tok_s_x_smoe"] <= r["tok_s_x_smoe_ci"][1]
         assert r["frac_of_gemm_ci"][0] <= r["frac_of_gemm"] <= r["frac_of_gemm_ci"][1]
         assert r["mfu"] == pytest.approx(r["gflops"] / 2e3)
-    assert recs[0]["ratio_to_smoe"] == 1.0 and recs[0]["ratio_ci"] == [1.0, 1.0]
+        assert r["compile"] == "off" and r["compiled"] is False  # the smoke preset does not compile
+    assert recs[0]["ratio_to_smoe"] == 1.0 and recs[0]["ratio_ci"] == [1.0, 1.0] and recs[0]["tok_s_x_smoe"] == 1.0
     assert out["meta"]["peak_tflops"] == 2.0 and out["meta"]["peak_tflops_from"] == "--peak-tflops"
+    assert out["meta"]["compile"] == "preset" and out["meta"]["profile"] is None
+
+
+def test_bench_train_profile_writes_the_files_of_the_chosen_variants(capsys, tmp_path):
+    assert main(["bench", "train", "--json", "--preset", "smoke", "--variants", "dense,smoe", "--rounds", "1",
+                 "--threads", "1", "--no-memory", "--profile", str(tmp_path / "prof"), "--profile-variants", "smoe",
+                 "--profile-steps", "1", *FAST]) == 0
+    assert [r["variant"] for r in json.loads(capsys.readouterr().out)["records"]] == ["dense", "smoe"]
+    prof = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert list(prof["variants"]) == ["smoe/float32"] and prof["steps_per_variant"] == 1
+    assert prof["compile"] == {"smoe/float32": "off"} and prof["tokens_per_step"] == {"smoe/float32": 512}
+    assert (tmp_path / "prof" / "trace.json").is_file() and (tmp_path / "prof" / "profile.md").is_file()
+
+
+def test_bench_layers_auto_flags_what_auto_runs_and_compares_with_it(capsys):
+    argv = ["bench", "layers", "--json", "--tokens", "64", "--dim", "96", "--hidden-dim", "256", "--num-experts",
+            "4", "--rounds", "2", "--dtypes", "float32", "--modes", "fwd+bwd", "--impls", "auto,grouped_mm",
+            "--no-memory", *FAST]
+    assert main(argv) == 0
+    recs = json.loads(capsys.readouterr().out)["records"]
+    auto = {(r["variant"], r["impl"]) for r in recs if r["auto"]}
+    # On CPU dispatch="auto" is the sorted path; the dense layer is its own.
+    assert auto == {("dense", "dense")} | {(v, "sorted") for v in ("smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")}
+    assert {r["impl"] for r in recs if r["variant"] == "smoe"} == {"sorted", "grouped_mm"}
+    for r in recs:
+        assert r["ratio_to_smoe_auto_ci"][0] <= r["ratio_to_smoe_auto"] <= r["ratio_to_smoe_auto_ci"][1]
+        assert r["ratio_to_dense_ci"][0] <= r["ratio_to_dense"] <= r["ratio_to_dense_ci"][1]
+    smoe_auto = next(r for r in recs if r["variant"] == "smoe" and r["auto"])
+    assert smoe_auto["ratio_to_smoe_auto"] == 1.0 and smoe_auto["ratio_to_smoe_auto"] == smoe_auto["ratio_to_smoe"]
+    assert any(r["variant"].startswith("hf-") and not r["auto"] for r in recs) == bool(hf_implementations(
+        torch.device("cpu")))
 
 
 def test_bench_train_dtypes_compare_bf16_with_fp32(capsys):
@@ -195,6 +229,11 @@ def test_bench_train_compile_flag(capsys, monkeypatch):
     (["bench", "train", "--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
     (["bench", "train", "--preset", "huge"], "--preset: unknown preset 'huge'"),
     (["bench", "train", "--preset", "smoke", "--variants", "smoe,mega"], "unknown variant 'mega'"),
+    (["bench", "train", "--compile", "max"], "--compile: expected one of preset, off, on (bare --compile: on)"),
+    (["bench", "train", "--variants", "smoe,dense", "--profile-variants", "mhmoe-h3"],
+     "--profile-variants: expected a comma-separated subset of smoe, dense, got 'mhmoe-h3'"),
+    (["bench", "train", "--profile-steps", "0"], "--profile-steps: must be >= 1, got 0"),
+    (["bench", "train", "--profile", " "], "--profile: expected a folder"),
 ])
 def test_bench_bad_flags_one_line_error(capsys, argv, message):
     assert main(argv) == 2
@@ -377,3 +416,19 @@ def test_run_throughput_of_a_stopped_train_run(tmp_path):
     assert got["steps_logged"] == 10 and got["steps_used"] == 9 and got["tok_per_s"] == 300.0
     assert got["gflops"] == pytest.approx(300.0 * flops / 1e9)
     assert got["mfu"] == pytest.approx(got["gflops"] / 2e3) and got["variant"] == "mhmoe-h3"
+
+
+def test_bench_train_compile_mode_follows_the_preset():
+    from types import SimpleNamespace
+
+    from mhmoe.bench.train import compile_mode_of, compiles
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    off, on = SimpleNamespace(compile=False), SimpleNamespace(compile=True)
+    assert not compiles(off, "preset", cpu) and compiles(on, "preset", cpu)
+    assert compiles(off, "on", cpu) and not compiles(on, "off", cuda)
+    assert (compile_mode_of(on, "preset", cpu), compile_mode_of(on, "off", cpu)) == ("on", "off")
+    # The modes TrainConfig.compile is to take (mhmoe.training.compile): auto compiles on CUDA only.
+    auto = SimpleNamespace(compile="auto")
+    assert compiles(auto, "preset", cuda) and not compiles(auto, "preset", cpu)
+    assert not compiles(SimpleNamespace(compile="off"), "preset", cuda) and compile_mode_of(auto, "preset", cpu) == "auto"

@@ -1,19 +1,28 @@
-"""benchmarks/gpu_check.sh without a GPU: the script parses, and its summary reads whatever the steps left."""
+"""benchmarks/gpu_check.sh without a GPU: the script parses, its dry run passes every step and leaves the folder the
+device tool can return, its summary reads whatever the steps left and computes the acceptance lines, and the
+fallback check fails a model that falls back."""
 
 import importlib.util
+import io
 import json
 import shutil
 import subprocess
+import tarfile
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+ACCEPTANCE = ["MFU dense (whole model)", "MFU smoe (whole model)", "MFU fine-grained (whole model)",
+              "MFU mhmoe-h2 (whole model)", "MFU mhmoe-h3 (whole model)", "mhmoe-h3 tokens/s x SMoE (whole model)",
+              "layer mhmoe-h3 / SMoE time (fwd+bwd, auto)", "layer SMoE / dense FFN time (fwd+bwd, auto)",
+              "fastest transformers block / our SMoE time (fwd+bwd)"]
 
 
-def _summary_module():
-    spec = importlib.util.spec_from_file_location("gpu_check_summary", ROOT / "benchmarks" / "gpu_check_summary.py")
+def _module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -29,46 +38,133 @@ def test_gpu_check_script_parses_and_rejects_unknown_arguments(tmp_path):
 
 
 def test_gpu_check_summary_of_a_partial_folder(tmp_path):
-    from mhmoe.training.presets import preset
-
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "steps.tsv").write_text("step\texit_code\tseconds\tlog\nversions\t0\t2\tversions.log\n"
-                                   "tests\t1\t80\ttests.log\nbench_layers\t2\t5\tbench_layers.log\n"
-                                   "train_smoe\t124\t121\ttrain_smoe.log\n", encoding="utf-8")
-    (out / "versions.log").write_text("peak_tflops: 10\ntorch: 2.13.0\ndry_run: 1\n", encoding="utf-8")
-    (out / "tests.log").write_text("..F\n=== 1 failed, 2 passed in 3.1s ===\n", encoding="utf-8")
-    (out / "bench_layers.json").write_text("{not json", encoding="utf-8")  # a step killed mid-write
-    run = out / "train_smoe"
-    run.mkdir()
-    (run / "config.json").write_text(preset("smoke", "smoe").to_json(), encoding="utf-8")
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "tok_per_s": 100.0 * i}) + "\n"
-                                               for i in range(1, 11)), encoding="utf-8")
-    (out / "train_mhmoe-h3").mkdir()  # started, never wrote its config
-    (out / "train_smoe.log").write_text("mhmoe train: interrupted\n", encoding="utf-8")
-    assert _summary_module().main([str(out)]) == 0
+    logs = out / "logs"
+    logs.mkdir(parents=True)
+    (out / "steps.tsv").write_text("step\texit_code\tseconds\tlog\nversions\t0\t2\tlogs/versions.log\n"
+                                   "tests\t1\t80\tlogs/tests.log\nbench_layers\t2\t5\tlogs/bench_layers.log\n"
+                                   "bench_train\t124\t121\tlogs/bench_train.log\n", encoding="utf-8")
+    (logs / "versions.log").write_text("peak_tflops: 10\ntorch: 2.13.0\ndry_run: 1\n", encoding="utf-8")
+    (logs / "tests.log").write_text("..F\n=== 1 failed, 2 passed in 3.1s ===\n", encoding="utf-8")
+    (logs / "bench_layers.json").write_text("{not json", encoding="utf-8")  # a step killed mid-write
+    train = {"meta": {"preset": "gpu", "sampling": {"train": {"rounds": 20}}},
+             "records": [{"variant": v, "compile": "off", "tokens_per_step": 131072, "median_ms": 300.0,
+                          "tok_per_s": 4e5, "gflops": 1e5, "mfu": m, "tok_s_x_smoe": x, "tok_s_x_smoe_ci": ci}
+                         for v, m, x, ci in (("dense", 0.31, 1.1, [1.0, 1.2]), ("smoe", 0.2, 1.0, [1.0, 1.0]),
+                                             ("mhmoe-h3", 0.26, 0.94, [0.9, 0.99]))]}
+    (logs / "bench_train.json").write_text(json.dumps(train), encoding="utf-8")
+    assert _module("gpu_check_summary").main([str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["tests"] == "1 failed, 2 passed in 3.1s" and summary["bench_layers"] is None
     assert [s["exit_code"] for s in summary["steps"]] == [0, 1, 2, 124]
-    h3, smoe = summary["train"]
-    assert "error" in h3 and smoe["tok_per_s"] == 600.0 and smoe["peak_tflops"] == 10.0
+    verdicts = {a["check"]: a["verdict"] for a in summary["acceptance"]}
+    assert verdicts["MFU dense (whole model)"] == "PASS" and verdicts["MFU smoe (whole model)"] == "FAIL"
+    assert verdicts["MFU mhmoe-h3 (whole model)"] == "PASS"
+    assert verdicts["MFU fine-grained (whole model)"] == "not measured"
+    assert verdicts["mhmoe-h3 tokens/s x SMoE (whole model)"] == "FAIL"
+    assert verdicts["layer mhmoe-h3 / SMoE time (fwd+bwd, auto)"] == "not measured"
+    assert [a["verdict"] for a in summary["acceptance"] if a["check"].startswith("fallback")] == ["not measured"]
     md = (out / "summary.md").read_text(encoding="utf-8")
-    assert "| train_smoe | 124 | 121 | stopped by the time limit, as planned |" in md
-    assert "| tests | 1 | 80 | failed |" in md and "bench layers: no JSON" in md
+    assert "| bench_train | 124 | 121 | time limit |" in md and "| tests | 1 | 80 | failed |" in md
+    assert "Layer table: no bench_layers.json" in md and "no profile/profile.json" in md
+
+
+def test_acceptance_of_the_layer_table_and_the_transformers_peer():
+    acceptance = _module("gpu_check_summary").acceptance
+
+    def rec(variant, impl, auto, ms, to_auto, ci, to_dense=None):
+        return {"variant": variant, "impl": impl, "auto": auto, "mode": "fwd+bwd", "median_ms": ms,
+                "ratio_to_smoe_auto": to_auto, "ratio_to_smoe_auto_ci": ci, "ratio_to_dense": to_dense,
+                "ratio_to_dense_ci": None if to_dense is None else [to_dense - 0.1, to_dense + 0.1]}
+
+    layers = {"records": [rec("dense", "dense", True, 1.3, 0.4, [0.39, 0.41], 1.0),
+                          rec("smoe", "grouped_mm", True, 3.4, 1.0, [1.0, 1.0], 2.6),
+                          rec("mhmoe-h3", "grouped_mm", True, 3.8, 1.12, [1.1, 1.2], 2.9),
+                          rec("mhmoe-h3", "sorted", False, 48.0, 14.0, [13.0, 15.0]),
+                          rec("hf-eager", "eager", False, 9.5, 2.8, [2.7, 2.9]),
+                          rec("hf-grouped_mm", "grouped_mm", False, 3.3, 0.97, [0.95, 0.99])]}
+    lines = {a["check"]: a for a in acceptance(layers, None, {"ok": False, "expect": "scatter", "variants": [
+        {"ok": False, "line": "FAIL smoe: 6 MoE layer(s) on grouped_mm (a fallback; expected scatter)"}]}, 989.0)}
+    h3 = lines["layer mhmoe-h3 / SMoE time (fwd+bwd, auto)"]
+    assert (h3["verdict"], h3["value"]) == ("PASS", 1.12) and "straddles" in h3["note"] and "grouped_mm" in h3["note"]
+    assert lines["layer SMoE / dense FFN time (fwd+bwd, auto)"]["verdict"] == "FAIL"
+    peer = lines["fastest transformers block / our SMoE time (fwd+bwd)"]
+    assert (peer["verdict"], peer["note"], peer["ci"]) == ("FAIL", "hf-grouped_mm", [0.95, 0.99])
+    fb = lines["fallback check: every MoE layer on scatter, 0 graph breaks"]
+    assert fb["verdict"] == "FAIL" and "expected scatter" in fb["note"]
+
+
+def _fallback(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = _module("gpu_fallback_check").main(argv)
+        except SystemExit as e:
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_fallback_check_fails_a_fallback_and_passes_the_fused_path(tmp_path):
+    rc, out, _ = _fallback(["--device", "cpu", "--preset", "smoke", "--variants", "smoe"])
+    line = out.splitlines()[0]
+    # On CPU dispatch="auto" is the sorted path: not the expected scatter, and eager under torch.compile.
+    assert rc == 1 and line.startswith("FAIL smoe: 1 MoE layer(s) on sorted (a fallback; expected scatter)"), out
+    assert "graph break(s): " in line and "0 graph break" not in line
+    rc, out, _ = _fallback(["--device", "cpu", "--preset", "smoke", "--variants", "dense,mhmoe-h3", "--dtype",
+                            "bfloat16", "--dispatch", "grouped_mm", "--expect", "grouped_mm", "--json",
+                            str(tmp_path / "fb.json")])
+    assert rc == 0 and out.splitlines()[:2] == ["PASS dense: no MoE layer, 0 graph break(s)",
+                                                "PASS mhmoe-h3: 1 MoE layer(s) on grouped_mm, 0 graph break(s)"]
+    got = json.loads((tmp_path / "fb.json").read_text())
+    assert got["ok"] and [v["graph_breaks"] for v in got["variants"]] == [0, 0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
+    (["--device", "cpu", "--variants", "smoe,mega"], "--variants: unknown variant 'mega'"),
+    (["--device", "cpu", "--dispatch", "magic"], "--dispatch: FFNConfig.dispatch: 'magic' is not allowed"),
+    (["--device", "cpu", "--preset", "huge"], "--preset: unknown preset 'huge'"),
+])
+def test_fallback_check_bad_flags_one_line_error(argv, message):
+    rc, out, err = _fallback(argv)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_dry_run_passes_every_step(tmp_path):
-    """The dry run is the GPU check's plumbing on CPU: every step exits 0 and the summary is written."""
+    """The dry run is the GPU check's plumbing on CPU: every step exits 0, the folder holds what the device tool
+    returns (at most 8 files, one folder down), and the summary computes every acceptance line."""
     import os
     import sys
 
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [line.split("\t") for line in (tmp_path / "out" / "steps.tsv").read_text().splitlines()[1:]]
-    assert rows and all(code == "0" for _, code, *_ in rows), rows
-    assert "no GPU (dry run)" in (tmp_path / "out" / "gpu_info.log").read_text()
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert {t["variant"] for t in summary["train"] if t.get("tok_per_s")} == {"smoe", "mhmoe-h3"}
+    rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["versions", "gpu_info", "tests", "fallback", "bench_layers", "bench_train",
+                                    "summary"]
+    assert all(code == "0" for _, code, *_ in rows), rows
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["logs.tar.gz", "profile/profile.json", "profile/profile.md", "profile/trace.json",
+                     "steps.tsv", "summary.json", "summary.md"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+        assert {f"logs/{s}.log" for s, *_ in rows} <= names
+        assert {"logs/fallback.json", "logs/bench_layers.json", "logs/bench_train.json"} <= names
+        assert "no GPU (dry run)" in tar.extractfile("logs/gpu_info.log").read().decode()
+    summary = json.loads((out / "summary.json").read_text())
+    assert {t["variant"] for t in summary["bench_train"]["records"] if t.get("tok_per_s")} == {
+        "dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"}
+    lines = {a["check"]: a for a in summary["acceptance"]}
+    assert set(ACCEPTANCE) <= set(lines)
+    for name in ACCEPTANCE:  # every line measured in the dry run (its verdict is plumbing, not a GPU figure)
+        assert lines[name]["verdict"] in ("PASS", "FAIL") and lines[name]["value"] is not None, lines[name]
+    fb = [a for a in summary["acceptance"] if a["check"].startswith("fallback check")]
+    assert [a["verdict"] for a in fb] == ["PASS"]  # the dry run checks the grouped path, which compiles whole
+    assert "passed" in summary["tests"] and "failed" not in summary["tests"]
+    prof = json.loads((out / "profile" / "profile.json").read_text())
+    assert list(prof["variants"]) == ["smoe/float32", "mhmoe-h3/float32"] and prof["steps_per_variant"] == 2
+    md = (out / "summary.md").read_text()
+    assert "## Acceptance" in md and "## Profile" in md and "expert GEMMs" in md and "before" in md

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mhmoe"
 
 # Lowest first. A module takes the rank of the longest prefix that names it.
 RANKS = {
-    "mhmoe.errors": 0, "mhmoe.fileio": 0, "mhmoe.configbase": 0, "mhmoe.runtime": 0,
+    "mhmoe.errors": 0, "mhmoe.fileio": 0, "mhmoe.configbase": 0, "mhmoe.runtime": 0, "mhmoe.profiling": 0,
     "mhmoe.layers": 1,
     "mhmoe.bitnet": 2, "mhmoe.bitnet.quant": 2, "mhmoe.bitnet.modules": 2,
     "mhmoe.model": 3,
