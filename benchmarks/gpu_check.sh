@@ -18,17 +18,22 @@
 #   5. bench_layers   80 s /  ~50 s  `mhmoe bench layers` at d=768, 16384 tokens, bf16: every layer on what
 #                                    dispatch="auto" picks on CUDA, plus grouped_mm and sorted, and transformers'
 #                                    Mixtral blocks; 25 s of shuffled rounds; MFU against $MHMOE_PEAK_TFLOPS;
-#   6. bench_train   300 s / ~80 s eager, ~300 s compiled
+#   6. gpu9min        90 s /  ~60 s  benchmarks/gpu_9min_check.py: one seed of smoe and mhmoe-h3 of the gpu-9min
+#                                    preset, trained and evaluated as `mhmoe reproduce` does, from its token pack
+#                                    ($PACK, default packs/gpu-9min: build it with `mhmoe data pack --preset
+#                                    gpu-9min --data-root DIR --out packs/gpu-9min` and carry it): the measured
+#                                    time per run and the 15-run matrix extrapolated from it;
+#   7. bench_train   300 s / ~80 s eager, ~300 s compiled
 #                                    `mhmoe bench train` of the five variants at the gpu preset (d=384, 12 layers,
 #                                    64 x 1024-token micro-batches, 2 per step, vocab 50,304), each step as `mhmoe
 #                                    train` runs it (AdamW, bf16 autocast, the preset's compile mode, or $COMPILE),
 #                                    on random tokens: 20 timed steps each in shuffled rounds (tokens/s, MFU, x SMoE
 #                                    with 95% intervals), and a profile of 2 steps of smoe and mhmoe-h3;
-#   7. summary        30 s /   ~3 s  summary.md and summary.json with the acceptance lines;
+#   8. summary        30 s /   ~3 s  summary.md and summary.json with the acceptance lines;
 #   then the step logs are packed into logs.tar.gz.
 # Outputs, all in $OUT (at most 8 files, none deeper than one folder, none near 16 MiB):
 #   steps.tsv, summary.md, summary.json, logs.tar.gz (every step's log and JSON: logs/<step>.log,
-#   logs/bench_layers.json, logs/bench_train.json, logs/fallback.json), profile/profile.md,
+#   logs/bench_layers.json, logs/bench_train.json, logs/fallback.json, logs/gpu9min.json), profile/profile.md,
 #   profile/profile.json, profile/trace.json (trace.json.gz when larger than 12 MiB).
 #
 # Environment:
@@ -38,6 +43,7 @@
 #                       set it for any other part: every MFU is relative to it; 0.1 in a dry run)
 #   EXPECT              the dispatch the fallback check requires of every MoE layer on CUDA (default scatter)
 #   COMPILE             `mhmoe bench train --compile` mode (default: the preset's, as `mhmoe train` runs it)
+#   PACK                the gpu-9min token pack (default packs/gpu-9min; a dry run builds a smoke pack)
 set -u
 set -o pipefail
 
@@ -82,6 +88,12 @@ if [ "$DRY_RUN" = 1 ]; then
     LAYERS_ARGS=(--device cpu --dtypes float32 --tokens 64 --dim 96 --hidden-dim 256 --num-experts 4
                  --impls auto,grouped_mm,sorted --max-seconds 3 --no-memory)
     TRAIN_ARGS=(--device cpu --preset smoke --rounds 6 --no-memory)
+    T_9MIN=120
+    # The dry run reads a pack too: the smoke preset's, built from the corpus sample carried in the package.
+    PACK="$OUT/work/pack"
+    "$PY" -m mhmoe.cli data pack --preset smoke --data-root "$REPO/mhmoe/data/sample_data" --out "$PACK" \
+        --cache-dir "$OUT/work/cache" > /dev/null || exit 2
+    NINE_ARGS=(--preset smoke --set threads=1)
 else
     T_TESTS=90; T_FALLBACK=75; T_LAYERS=80; T_TRAIN=300
     TESTS=(tests/unit/test_profiling.py tests/unit/test_compile.py tests/unit/test_experts.py
@@ -95,6 +107,9 @@ else
     # 16384 tokens keep an H100 busier than the CPU default of 4096.
     LAYERS_ARGS=(--device cuda --dtypes bfloat16 --tokens 16384 --impls auto,grouped_mm,sorted --max-seconds 25)
     TRAIN_ARGS=(--device cuda --preset gpu --rounds 20)
+    T_9MIN=90
+    PACK="${PACK:-$REPO/packs/gpu-9min}"
+    NINE_ARGS=(--preset gpu-9min)
 fi
 T0=$(date +%s)
 
@@ -179,6 +194,8 @@ run_step tests "$(limit "$T_TESTS")" "$PY" -m pytest -q -p no:cacheprovider "${T
 run_step fallback "$(limit "$T_FALLBACK")" "$PY" benchmarks/gpu_fallback_check.py "${FALLBACK_ARGS[@]}" --variants "$VARIANTS" \
     --json "$LOGS/fallback.json"
 json_step bench_layers "$(limit "$T_LAYERS")" "$PY" -m mhmoe.cli bench layers --json "${LAYERS_ARGS[@]}" --peak-tflops "$PEAK"
+run_step gpu9min "$(limit "$T_9MIN")" "$PY" benchmarks/gpu_9min_check.py "${NINE_ARGS[@]}" --pack "$PACK" \
+    --json "$LOGS/gpu9min.json"
 json_step bench_train "$(limit "$T_TRAIN")" "$PY" -m mhmoe.cli bench train --json "${TRAIN_ARGS[@]}" --variants "$VARIANTS" \
     --max-seconds 0 --peak-tflops "$PEAK" --profile "$OUT/profile" --profile-variants smoe,mhmoe-h3 \
     --profile-steps 2 ${COMPILE_ARGS[@]+"${COMPILE_ARGS[@]}"}
@@ -195,4 +212,5 @@ else
 fi
 # The step logs into one archive, so that the folder holds a handful of files (the device tool returns 8).
 if tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs; then rm -rf "$LOGS"; fi
+rm -rf "$OUT/work"  # the dry run's pack and cache
 echo "== $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"

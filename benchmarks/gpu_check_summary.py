@@ -205,6 +205,7 @@ def markdown(summary: dict) -> str:
     lines += ["no fallback.json (see the fallback log)"] if fb is None else [f"- {r['line']}" for r in fb["variants"]]
     lines += _layer_md(summary["bench_layers"], summary["before"]["layers"])
     lines += _train_md(summary["bench_train"], summary["before"]["train"])
+    lines += _nine_md(summary.get("gpu9min"))
     prof = summary["profile"]
     lines += ["", "## Profile (mhmoe bench train --profile)", ""]
     if prof is None:
@@ -260,6 +261,21 @@ def _train_md(bench: dict | None, before: dict) -> list[str]:
     return out
 
 
+def _nine_md(nine: dict | None) -> list[str]:
+    """The gpu-9min preset's per-run times (benchmarks/gpu_9min_check.py) and the matrix's time from them."""
+    if nine is None:
+        return ["", "## gpu-9min preset: no gpu9min.json (see its log)"]
+    out = ["", f"## {nine['preset']} preset from its token pack (one seed, trained and evaluated as `mhmoe "
+           "reproduce` does)", "", "| model | seconds in all | training s | tokens/s | eval loss 100% |",
+           "|---|---:|---:|---:|---:|"]
+    for v, r in nine["runs"].items():
+        out.append(f"| {v} | {r['wall_s']:.1f} | {r['train_wall_s']:.1f} | {_fmt(r['tok_per_s'], ',.0f')} | "
+                   f"{_fmt(r['eval_loss'].get('100%'), '.3f')} |")
+    out += ["", f"Table 1 x 3 seeds, one run after another: about {nine['matrix_estimate_s'] / 60:.1f} minutes "
+            "(the target: 9)."]
+    return out
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python benchmarks/gpu_check_summary.py OUT", file=sys.stderr)
@@ -274,7 +290,8 @@ def main(argv: list[str]) -> int:
     layers, train, fallback = _layers(logs), _train(logs), _json(logs / "fallback.json")
     summary = {"versions": versions, "peak_tflops": peak, "steps": _steps(out), "tests": _tests(logs),
                "acceptance": acceptance(layers, train, fallback, peak), "fallback": fallback,
-               "bench_layers": layers, "bench_train": train, "profile": _json(out / "profile" / "profile.json")}
+               "bench_layers": layers, "bench_train": train, "profile": _json(out / "profile" / "profile.json"),
+               "gpu9min": _json(logs / "gpu9min.json")}
     before = {"layers": {}, "train": {}} if versions.get("dry_run") == "1" else _before()  # CPU toys: no before
     summary["before"] = before
     text = markdown(summary)

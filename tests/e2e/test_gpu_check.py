@@ -143,8 +143,8 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
                          timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
-    assert [r[0] for r in rows] == ["versions", "gpu_info", "tests", "fallback", "bench_layers", "bench_train",
-                                    "summary"]
+    assert [r[0] for r in rows] == ["versions", "gpu_info", "tests", "fallback", "bench_layers", "gpu9min",
+                                    "bench_train", "summary"]
     assert all(code == "0" for _, code, *_ in rows), rows
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == ["logs.tar.gz", "profile/profile.json", "profile/profile.md", "profile/trace.json",
@@ -152,9 +152,12 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
         assert {f"logs/{s}.log" for s, *_ in rows} <= names
-        assert {"logs/fallback.json", "logs/bench_layers.json", "logs/bench_train.json"} <= names
+        assert {"logs/fallback.json", "logs/bench_layers.json", "logs/bench_train.json", "logs/gpu9min.json"} <= names
         assert "no GPU (dry run)" in tar.extractfile("logs/gpu_info.log").read().decode()
     summary = json.loads((out / "summary.json").read_text())
+    nine = summary["gpu9min"]  # the preset's runs read the (dry run's smoke) token pack
+    assert nine["preset"] == "smoke" and set(nine["runs"]) == {"smoe", "mhmoe-h3"} and nine["matrix_estimate_s"] > 0
+    assert "Table 1 x 3 seeds, one run after another" in (out / "summary.md").read_text()
     assert {t["variant"] for t in summary["bench_train"]["records"] if t.get("tok_per_s")} == {
         "dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"}
     lines = {a["check"]: a for a in summary["acceptance"]}
