@@ -65,7 +65,13 @@ from mhmoe.training.config import TrainConfig, micro_batches
 from mhmoe.training.consolidate import consolidate
 from mhmoe.training.device import cpu_has_fast_bf16, resolve_device
 from mhmoe.training.evaluate import evaluate_corpus
-from mhmoe.training.optim import build_optimizer, lr_at, weight_decay_at
+from mhmoe.training.optim import (
+    adamw_implementation,
+    build_optimizer,
+    lr_at,
+    set_adamw_implementation,
+    weight_decay_at,
+)
 from mhmoe.training.routing_health import RoutingMonitor
 from mhmoe.training.rundir import (
     _check_same_config,
@@ -172,12 +178,11 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (sharded: before sharding) and resume
     model = Transformer(cfg.model).to(par.device)
     net = parallelize(model, par) if par.sharded else model  # FSDP2 / expert shards: before the optimizer
-    optimizer = build_optimizer(model, cfg.optim)
-    if par.sharded:  # foreach kernels reject a mix of DTensor (FSDP) and plain (expert) tensors
-        for g in optimizer.param_groups:
-            g["foreach"] = False
+    optimizer = build_optimizer(model, cfg.optim)  # fused on CUDA, foreach on CPU, a loop over DTensors
     routing = RoutingMonitor(model, cfg, par.device)
     start = _resume(run_dir, model, optimizer, par, routing)
+    # A loaded state dict brings its groups' flags (a checkpoint from before fused AdamW): this run's choice wins.
+    set_adamw_implementation(optimizer, adamw_implementation(model.parameters()))
     if par.rank == 0:  # drop log lines written after the checkpoint we resume from
         for name in ("metrics.jsonl", "evals.jsonl"):
             atomic_write_text(run_dir / name, "".join(l + "\n" for l in _read_jsonl(run_dir / name, start)))
