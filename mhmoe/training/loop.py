@@ -61,6 +61,7 @@ from mhmoe.training.checkpoint import (
     step_dir,
     verify,
 )
+from mhmoe.training.compile import CompileMode, compile_model, resolve_compile
 from mhmoe.training.config import TrainConfig, micro_batches
 from mhmoe.training.consolidate import consolidate
 from mhmoe.training.device import cpu_has_fast_bf16, resolve_device
@@ -118,20 +119,21 @@ def train(
     parallel.check(env.world, cfg.model)
     micro, accum = micro_batches(cfg, env.world)
     device = resolve_device(cfg)
+    compile_mode = resolve_compile(cfg, device, env.world)  # a refused "cudagraphs": said before RUN_DIR exists
     root = resolve_data_root(data_root, cfg.preset)  # a missing or too-small data root: say so before RUN_DIR exists
     started = env.world > 1 and not dist.is_initialized()
     par = init_parallel(parallel, device, env)
     try:
         with ExitStack() as stack:
             return _train(cfg, Path(run_dir), root, default_cache_dir(cache_dir), progress, stop_after, par,
-                          micro, accum, stack)
+                          micro, accum, stack, compile_mode)
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: bool, stop_after: int | None,
-           par: Parallel, micro: int, accum: int, stack: ExitStack) -> RunState:
+           par: Parallel, micro: int, accum: int, stack: ExitStack, compile_mode: CompileMode) -> RunState:
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -191,8 +193,7 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
 
     if not par.sharded:
         net = parallelize(model, par)  # DDP under torchrun, the model itself on one process
-    if cfg.compile:
-        net = torch.compile(net)
+    net = compile_model(net, cfg, par.device, par.world)  # TrainConfig.compile, resolved above
     autocast = (torch.autocast(device_type=par.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
     # Said after the first step, with its time: stderr holds nothing but the error of a run that fails before.
@@ -216,7 +217,8 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
                 g["lr"] = lr
             if cfg.optim.wd_off_at > 0:  # group 0 is the decayed one (build_optimizer)
                 optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, cfg)
-            m = train_step(step, net, model, sampler, accum, par, cfg.optim.grad_clip, autocast, routing)
+            m = train_step(step, net, model, sampler, accum, par, cfg.optim.grad_clip, autocast, routing,
+                           compile_mode)
             if not math.isfinite(m["loss"]):  # the same all-reduced loss on every rank: all of them stop here
                 raise TrainingError(
                     f"loss is {m['loss']} at step {step + 1}; stopped without updating. The last good checkpoint "
@@ -224,7 +226,7 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
                     "optim.warmup_steps and rerun"
                 )
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=compile_mode != "cudagraphs")  # CUDA graphs: zeroed in place
             done = step + 1
             last_loss = m["loss"]
             dt = time.time() - t0
