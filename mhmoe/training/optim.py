@@ -61,13 +61,17 @@ def adamw_implementation(params: Iterable[torch.Tensor]) -> AdamWImplementation:
 def set_adamw_implementation(optimizer: torch.optim.Optimizer, impl: AdamWImplementation) -> None:
     """Switch `optimizer` to `impl`, its state included: loading a state dict takes the saved groups' flags (a
     checkpoint written before fused AdamW, or by a sharded run), and the fused kernel wants each parameter's step
-    count as a float32 tensor on the parameter's device, foreach and the loop a CPU one."""
+    count as a float32 tensor on the parameter's device, foreach a CPU one. The loop over tensor subclasses (a
+    sharded run's DTensors) keeps its state as distributed checkpointing loaded it."""
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = impl == "fused", impl == "foreach"
+        if impl == "for-loop":
+            continue
         for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state and torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].to(device=p.device if impl == "fused" else "cpu", dtype=torch.float32)
+            step = optimizer.state.get(p, {}).get("step")
+            if type(step) is torch.Tensor:
+                optimizer.state[p]["step"] = step.to(device=p.device if impl == "fused" else "cpu",
+                                                     dtype=torch.float32)
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
