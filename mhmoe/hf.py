@@ -55,8 +55,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from mhmoe.data.corpora import EOS
 from mhmoe.data.tokenizer import Tokenizer
 from mhmoe.errors import UserError
-from mhmoe.layers.attention import rope_tables
 from mhmoe.layers.router import Routing, load_balancing_loss, z_loss
+from mhmoe.layers.sorted_experts import compute_dtype
 from mhmoe.model import ModelConfig, Transformer
 from mhmoe.training.rundir import load_checkpoint_model, load_config
 
@@ -126,9 +126,7 @@ class MHMoEPreTrainedModel(PreTrainedModel):
         # Parameters are initialised by Transformer.__init__ or loaded; from_pretrained builds the model on the meta
         # device and leaves non-persistent buffers uninitialised, so the RoPE tables are recomputed here.
         if isinstance(module, Transformer):
-            cos, sin = rope_tables(module.cfg.dim // module.cfg.n_heads, module.cfg.max_seq_len, module.cfg.rope_theta)
-            module.rope_cos.copy_(cos)
-            module.rope_sin.copy_(sin)
+            module.init_rope()
 
 
 class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
@@ -208,8 +206,9 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0)
-        cos = net.rope_cos[position_ids].unsqueeze(1)  # [B or 1, 1, T, Dh/2]
-        sin = net.rope_sin[position_ids].unsqueeze(1)
+        cos, sin = net.rope(compute_dtype(x))  # the native model's tables for this compute dtype
+        cos = cos[position_ids].unsqueeze(1)  # [B or 1, 1, T, Dh/2]
+        sin = sin[position_ids].unsqueeze(1)
         mask = None  # None + no past = is_causal, exactly the native path
         if padded or past > 0:
             q_pos = past + torch.arange(T, device=x.device)

@@ -3,6 +3,9 @@
 Pre-norm blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)); causal self-attention with RoPE through
 `F.scaled_dot_product_attention`; the FFN of every `moe_every`-th block is `moe_ffn`, the others `dense_ffn`.
 Aux losses of all MoE layers are summed into the training loss (each already carries its coefficient).
+With targets, the token cross-entropy comes from the final hidden states and the LM head's weight through
+`linear_cross_entropy` (mhmoe/layers/loss.py), chunk by chunk, so a training forward never holds the [B*T, V]
+logits and returns none; without targets (evaluation, generation) the forward returns the logits.
 
 Shape legend: B batch, T time, P cached positions, D model dim, A attention heads, Dh = D / A, V vocab.
 """
@@ -24,7 +27,9 @@ from mhmoe.errors import ConfigError
 from mhmoe.layers.attention import Attention, KVCache, rope_tables
 from mhmoe.layers.build import build_ffn
 from mhmoe.layers.config import FFNConfig, MoEAux
+from mhmoe.layers.loss import linear_cross_entropy
 from mhmoe.layers.norm import RMSNorm
+from mhmoe.layers.sorted_experts import compute_dtype
 from mhmoe.profiling import ATTENTION, BLOCK, HEAD_MERGE, label
 
 
@@ -79,9 +84,13 @@ class ModelConfig(Config):
         return self.moe_ffn if self.is_moe_block(i) else self.dense_ffn
 
 
+# The 16-bit dtypes whose RoPE tables are cached (Transformer.rope); any other dtype rotates in float32.
+ROPE_16BIT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None for a forward with targets (unless return_logits=True)
     loss: torch.Tensor | None  # ce_loss + aux_loss, when targets were given
     ce_loss: torch.Tensor | None  # mean token cross-entropy
     aux_loss: torch.Tensor  # sum over MoE layers of their weighted aux losses
@@ -127,12 +136,39 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # RoPE tables [max_seq_len, Dh/2]: float32, and copies rounded once to each 16-bit dtype (`rope`).
+        for dtype, suffix in ((torch.float32, ""), *((d, f"_{n}") for d, n in ROPE_16BIT.items())):
+            for part in ("cos", "sin"):
+                table = torch.empty(cfg.max_seq_len, cfg.dim // cfg.n_heads // 2, dtype=dtype)
+                self.register_buffer(f"rope_{part}{suffix}", table, persistent=False)
+        self.init_rope()
         self.reset_parameters(init_seed)
         if cfg.bitnet:  # swap in the BitNet modules around the initialised weights: same init as the fp model
             convert(self, router=cfg.bitnet_router)
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """Fill the RoPE buffers (in place, on their device): the float32 tables and their 16-bit copies."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for dtype, name in ROPE_16BIT.items():
+            getattr(self, f"rope_cos_{name}").copy_(cos.to(dtype))
+            getattr(self, f"rope_sin_{name}").copy_(sin.to(dtype))
+
+    def rope(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) tables [max_seq_len, Dh/2] to rotate q/k of `dtype` with: for bfloat16/float16 the copies
+        cached in that dtype, so q and k rotate without an upcast (apply_rope computes in the tables' dtype); for
+        any other dtype the float32 tables (float32 runs: the same numbers as ever)."""
+        name = ROPE_16BIT.get(dtype)
+        if name is None:
+            return self.rope_cos, self.rope_sin
+        return getattr(self, f"rope_cos_{name}"), getattr(self, f"rope_sin_{name}")
+
+    def uses_fused_loss(self) -> bool:
+        """Whether the loss goes through `linear_cross_entropy` (a plain bias-free LM head) rather than logits."""
+        return type(self.lm_head) is nn.Linear and self.lm_head.bias is None
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -166,14 +202,20 @@ class Transformer(nn.Module):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu").mul_(p_std))
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+        return_logits: bool = False,
     ) -> ModelOutput:
+        """idx [B, T] -> ModelOutput. With targets [B, T]: the mean token cross-entropy (ce_loss) plus the aux
+        losses (loss), through the chunked `linear_cross_entropy`, and logits None; return_logits=True computes
+        the full logits as well and takes the loss from them (F.cross_entropy on float32 logits: the reference).
+        Without targets: the logits [B, T, V]."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds ModelConfig.max_seq_len ({self.cfg.max_seq_len})")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(idx)  # [B, T, D]
+        cos, sin = self.rope(compute_dtype(x))  # the dtype q and k come out of the qkv projection in
+        cos, sin = cos[start : start + T], sin[start : start + T]  # [T, Dh/2]
         auxes: list[MoEAux] = []
         aux_loss = torch.zeros((), device=idx.device)
         for block in self.blocks:
@@ -183,10 +225,15 @@ class Transformer(nn.Module):
                 aux_loss = aux_loss + aux.loss
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))  # [B, T, V]
-        ce = loss = None
+        h = self.norm(x)  # [B, T, D]
+        logits = ce = loss = None
+        if targets is None or return_logits or not self.uses_fused_loss():
+            logits = self.lm_head(h)  # [B, T, V]
         if targets is not None:
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            if logits is not None:
+                ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            else:  # [B*T, V] never materialised: chunks of rows, gradients for h and W computed chunk by chunk
+                ce = linear_cross_entropy(h, self.lm_head.weight, targets)
             loss = ce + aux_loss
         return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux_loss, aux=auxes)
 

@@ -22,37 +22,19 @@ from mhmoe.distributed.parallel import Parallel
 from mhmoe.model import Transformer
 from mhmoe.profiling import OPTIMIZER, label
 from mhmoe.training.config import TrainConfig, micro_batches
-from mhmoe.training.optim import build_optimizer, lr_at, weight_decay_at
+from mhmoe.training.compile import compile_model, resolve_compile
+from mhmoe.training.optim import apply_schedule, build_optimizer, step_optimizer
 from mhmoe.training.presets import preset
 from mhmoe.training.routing_health import RoutingMonitor
 from mhmoe.training.step import train_step
 
-# `--compile`: "preset" = as `mhmoe train` compiles the preset's model (TrainConfig.compile), "off", "on".
-COMPILE_MODES = ("preset", "off", "on")
+# `--compile`: "preset" = as `mhmoe train` runs the preset (its TrainConfig.compile), or a TrainConfig.compile mode.
+COMPILE_MODES = ("preset", "auto", "off", "on", "cudagraphs")
 
 
-def compile_for_bench(model: nn.Module, cfg: TrainConfig, mode: str, device: torch.device) -> nn.Module:
-    """The module a benchmarked step calls: `model` compiled as `mhmoe train` would compile it for `cfg`
-    ("preset"), or as `mode` ("off", "on") says. The one place that decides it: once
-    mhmoe.training.compile.compile_model(model, cfg, device) exists, this becomes
-    `compile_model(model, cfg if mode == "preset" else cfg.replace(compile=mode), device)` and COMPILE_MODES takes
-    that module's modes."""
-    return torch.compile(model) if compiles(cfg, mode, device) else model
-
-
-def compiles(cfg: TrainConfig, mode: str, device: torch.device) -> bool:
-    """Whether `compile_for_bench` compiles. TrainConfig.compile is a bool today; a mode string is read as on,
-    cudagraphs (plain torch.compile here until compile_model is wired) or auto (on CUDA only)."""
-    setting = cfg.compile if mode == "preset" else mode
-    if isinstance(setting, bool):
-        return setting
-    return setting in ("on", "cudagraphs") or (setting == "auto" and device.type == "cuda")
-
-
-def compile_mode_of(cfg: TrainConfig, mode: str, device: torch.device) -> str:
-    """The mode a record reports: the preset's, or the flag's; booleans as on / off."""
-    setting = cfg.compile if mode == "preset" else mode
-    return ("on" if compiles(cfg, mode, device) else "off") if isinstance(setting, bool) else str(setting)
+def bench_config(cfg: TrainConfig, mode: str) -> TrainConfig:
+    """The config a benchmarked step runs: the preset's, with TrainConfig.compile replaced unless mode="preset"."""
+    return cfg if mode == "preset" else cfg.replace(compile=mode)
 
 
 class RandomTokens:
@@ -70,7 +52,7 @@ class RandomTokens:
 
 
 def training_step(cfg: TrainConfig, model: Transformer, net: nn.Module, device: torch.device,
-                  seed: int) -> Callable[[], dict]:
+                  seed: int, compile_mode: str = "off") -> Callable[[], dict]:
     """One optimizer step of `mhmoe train` (mhmoe.training.loop) on random tokens: the schedule's learning rate
     and weight decay, `train_step` (every micro-batch's forward and backward under the run's autocast, gradient
     clipping, the routing monitor, the step's one host transfer), then AdamW's step and zero_grad. Consecutive
@@ -85,14 +67,10 @@ def training_step(cfg: TrainConfig, model: Transformer, net: nn.Module, device: 
 
     def step() -> dict:
         s = done[0]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, cfg)
-        if cfg.optim.wd_off_at > 0:  # group 0 is the decayed one (build_optimizer)
-            opt.param_groups[0]["weight_decay"] = weight_decay_at(s, cfg)
-        m = train_step(s, net, model, sampler, accum, par, cfg.optim.grad_clip, autocast, routing)
+        apply_schedule(opt, s, cfg)
+        m = train_step(s, net, model, sampler, accum, par, cfg.optim.grad_clip, autocast, routing, compile_mode)
         with label(OPTIMIZER):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step_optimizer(opt, compile_mode)
         done[0] += 1
         return m
 
@@ -110,16 +88,18 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
     info: dict[str, tuple[TrainConfig, Transformer]] = {}
     dtypes = getattr(args, "dtypes", None) or [preset(args.preset, args.variants[0]).dtype]
     mode = getattr(args, "compile", "preset")
+    resolved: dict[str, str] = {}  # what TrainConfig.compile means on this device, per model
     for i, variant in enumerate(args.variants):
         for dtype in dtypes:
-            cfg = preset(args.preset, variant).replace(dtype=dtype)
+            cfg = bench_config(preset(args.preset, variant).replace(dtype=dtype), mode)
             torch.manual_seed(args.seed + i)
             model = Transformer(cfg.model).to(device)
-            net = compile_for_bench(model, cfg, mode, device)
+            net = compile_model(model, cfg, device)  # as the loop compiles it
             key = _key(variant, dtype)
-            steps[key] = training_step(cfg, model, net, device, args.seed)
+            resolved[key] = resolve_compile(cfg, device)
+            steps[key] = training_step(cfg, model, net, device, args.seed, resolved[key])
             info[key] = (cfg, model)
-    compiled = {k: compiles(c, mode, device) for k, (c, _) in info.items()}
+    compiled = {k: m != "off" for k, m in resolved.items()}
     t0 = time.perf_counter()
     warmup_s = {}
     sync = synchronizer(device)
@@ -142,7 +122,7 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
         keys = [k for k in info if k.split("/")[0] in args.profile_variants]
         profile_steps({k: steps[k] for k in keys}, profile_dir, device, args.profile_steps, log,
                       meta={"preset": args.preset,
-                            "compile": {k: compile_mode_of(info[k][0], mode, device) for k in keys},
+                            "compile": {k: resolved[k] for k in keys},
                             "tokens_per_step": {k: info[k][0].tokens_per_step for k in keys}})
     cfg0 = info[_key(args.variants[0], dtypes[0])][0]
     micro0, _ = micro_batches(cfg0, 1)
@@ -192,7 +172,7 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
                 "mfu": mfu(gflops, args.peak), "peak_mem_mb": peak.get(k), "ratio_to_smoe": None, "ratio_ci": None,
                 **summarise(times, ratios[k], args.target_ci),
                 "tok_per_s": n_tok / med, "tokens_per_step": n_tok, "micro_batch": micro, "accum": accum,
-                "preset": args.preset, "compiled": compiled[k], "compile": compile_mode_of(cfg, mode, device),
+                "preset": args.preset, "compiled": compiled[k], "compile": resolved[k],
                 "warmup_s": warmup_s[k], "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
             })
     return records, gemm_rates, {"train": got.as_meta()}

@@ -163,7 +163,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     tr.add_argument("--compile", nargs="?", const="on", default="preset", metavar="MODE",
                     help=f"{', '.join(COMPILE_MODES)}: compile each model as `mhmoe train` does for the preset "
-                         "(default), or not, or always (bare --compile: on); warm-up time in warmup_s")
+                         "(default), or with that TrainConfig.compile mode (bare --compile: on); warm-up time in "
+                         "warmup_s")
     tr.add_argument("--profile", default=None, metavar="DIR",
                     help="after the warm-up, profile --profile-steps steps of each --profile-variants variant: "
                          "DIR/trace.json, DIR/profile.md, DIR/profile.json (the step split into its parts)")

@@ -19,8 +19,13 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, A, T, Dh] rotated pairwise (x1, x2) by the position angles; cos/sin: [T, Dh/2]."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    """x: [B, A, T, Dh] rotated pairwise (x1, x2) by the position angles; cos/sin: [T, Dh/2] (or broadcastable).
+
+    Computed in the tables' dtype and returned in x's: float32 tables upcast x (the float32 numerics, and what a
+    16-bit x gets from float32 tables); tables in x's 16-bit dtype (Transformer.rope) rotate it with no upcast
+    and no [B, A, T, Dh] float32 copy of q and k.
+    """
+    x1, x2 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)  # [B, A, T, Dh/2] each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.to(x.dtype)
 

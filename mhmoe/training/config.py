@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from mhmoe.configbase import Config
 from mhmoe.data.corpora import DataConfig
@@ -46,7 +46,17 @@ class OptimConfig(Config):
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
-    """Everything a run needs; saved as RUN_DIR/config.json."""
+    """Everything a run needs; saved as RUN_DIR/config.json.
+
+    compile: how the training forward runs (decided by mhmoe.training.compile.resolve_compile for the device):
+        "auto" (default) = "on" on CUDA, "off" on CPU (there the sorted experts stay eager and compiling costs
+        about a minute per model shape for a few percent: benchmarks/RESULTS.md); "off" = eager; "on" =
+        torch.compile (fullgraph when the step is sync-free); "cudagraphs" = torch.compile's "reduce-overhead"
+        mode (CUDA graphs): one CUDA process and a sync-free, static-shaped step only. Configs that wrote
+        true/false load as "on"/"off".
+    """
+
+    LEGACY: ClassVar[dict[str, dict[Any, Any]]] = {"compile": {False: "off", True: "on"}}
 
     preset: str = "custom"
     variant: str = "smoe"
@@ -60,7 +70,7 @@ class TrainConfig(Config):
     seed: int = 1337
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    compile: bool = False
+    compile: Literal["auto", "off", "on", "cudagraphs"] = "auto"
     eval_every: int = 0  # steps between validation-loss points in evals.jsonl (0 = only at the end)
     eval_tokens: int = 16_384  # tokens per domain for those points
     ckpt_every: int = 100
@@ -86,6 +96,9 @@ class TrainConfig(Config):
             )
         if self.eval_every < 0 or self.eval_tokens < 0 or self.threads < 0 or self.keep_checkpoints < 0:
             raise ConfigError("TrainConfig.eval_every/eval_tokens/threads/keep_checkpoints: must be >= 0")
+        if self.compile == "cudagraphs" and self.device == "cpu":
+            raise ConfigError("TrainConfig.compile: 'cudagraphs' needs device=cuda (CUDA graphs); use compile=on or "
+                              "device=cuda")
 
     @property
     def milestones(self) -> tuple[int, int]:

@@ -62,11 +62,18 @@ from mhmoe.training.checkpoint import (
     step_dir,
     verify,
 )
+from mhmoe.training.compile import CompileMode, compile_model, resolve_compile
 from mhmoe.training.config import TrainConfig, micro_batches
 from mhmoe.training.consolidate import consolidate
 from mhmoe.training.device import cpu_has_fast_bf16, resolve_device
 from mhmoe.training.evaluate import evaluate_corpus
-from mhmoe.training.optim import build_optimizer, lr_at, weight_decay_at
+from mhmoe.training.optim import (
+    adamw_implementation,
+    apply_schedule,
+    build_optimizer,
+    set_adamw_implementation,
+    step_optimizer,
+)
 from mhmoe.training.routing_health import RoutingMonitor
 from mhmoe.training.rundir import (
     _check_same_config,
@@ -113,6 +120,7 @@ def train(
     parallel.check(env.world, cfg.model)
     micro, accum = micro_batches(cfg, env.world)
     device = resolve_device(cfg)
+    compile_mode = resolve_compile(cfg, device, env.world)  # a refused "cudagraphs": said before RUN_DIR exists
     root = resolve_data_root(data_root, cfg.preset)  # a missing or too-small data root: say so before RUN_DIR exists
     if is_pack(root):  # so is a pack built for another config
         Pack(root).check(cfg.data)
@@ -121,14 +129,14 @@ def train(
     try:
         with ExitStack() as stack:
             return _train(cfg, Path(run_dir), root, default_cache_dir(cache_dir), progress, stop_after, par,
-                          micro, accum, stack)
+                          micro, accum, stack, compile_mode)
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: bool, stop_after: int | None,
-           par: Parallel, micro: int, accum: int, stack: ExitStack) -> RunState:
+           par: Parallel, micro: int, accum: int, stack: ExitStack, compile_mode: CompileMode) -> RunState:
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -175,12 +183,11 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (sharded: before sharding) and resume
     model = Transformer(cfg.model).to(par.device)
     net = parallelize(model, par) if par.sharded else model  # FSDP2 / expert shards: before the optimizer
-    optimizer = build_optimizer(model, cfg.optim)
-    if par.sharded:  # foreach kernels reject a mix of DTensor (FSDP) and plain (expert) tensors
-        for g in optimizer.param_groups:
-            g["foreach"] = False
+    optimizer = build_optimizer(model, cfg.optim)  # fused on CUDA, foreach on CPU, a loop over DTensors
     routing = RoutingMonitor(model, cfg, par.device)
     start = _resume(run_dir, model, optimizer, par, routing)
+    # A loaded state dict brings its groups' flags (a checkpoint from before fused AdamW): this run's choice wins.
+    set_adamw_implementation(optimizer, adamw_implementation(model.parameters()))
     if par.rank == 0:  # drop log lines written after the checkpoint we resume from
         for name in ("metrics.jsonl", "evals.jsonl"):
             atomic_write_text(run_dir / name, "".join(l + "\n" for l in _read_jsonl(run_dir / name, start)))
@@ -189,8 +196,7 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
 
     if not par.sharded:
         net = parallelize(model, par)  # DDP under torchrun, the model itself on one process
-    if cfg.compile:
-        net = torch.compile(net)
+    net = compile_model(net, cfg, par.device, par.world)  # TrainConfig.compile, resolved above
     autocast = (torch.autocast(device_type=par.device.type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
     # Said after the first step, with its time: stderr holds nothing but the error of a run that fails before.
@@ -209,20 +215,16 @@ def _train(cfg: TrainConfig, run_dir: Path, root: Path, cache: Path, progress: b
     try:
         for step in range(start, stop_at):
             t0 = time.time()
-            lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if cfg.optim.wd_off_at > 0:  # group 0 is the decayed one (build_optimizer)
-                optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, cfg)
-            m = train_step(step, net, model, sampler, accum, par, cfg.optim.grad_clip, autocast, routing)
+            lr = apply_schedule(optimizer, step, cfg)
+            m = train_step(step, net, model, sampler, accum, par, cfg.optim.grad_clip, autocast, routing,
+                           compile_mode)
             if not math.isfinite(m["loss"]):  # the same all-reduced loss on every rank: all of them stop here
                 raise TrainingError(
                     f"loss is {m['loss']} at step {step + 1}; stopped without updating. The last good checkpoint "
                     f"(step {_last_good(run_dir, par)}) is kept in {run_dir}; lower optim.lr or raise "
                     "optim.warmup_steps and rerun"
                 )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_optimizer(optimizer, compile_mode)
             done = step + 1
             last_loss = m["loss"]
             dt = time.time() - t0

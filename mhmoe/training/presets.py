@@ -212,6 +212,9 @@ def gpu_9min(variant: str, *, dim: int = 384, n_layers: int = 12, n_heads: int =
         optim=OptimConfig(lr=1.5e-3, warmup_steps=60), steps=600, batch_size=64, seq_len=256,
         tokens_per_step=16_384, dtype="bfloat16", device="auto", eval_every=75, eval_tokens=65_536,
         ckpt_every=300,
+        # Eager: 15 runs of ~15 s each cannot win back torch.compile's tens of seconds per model
+        # (benchmarks/estimate_gpu_time.py assumes eager; the GPU check times it).
+        compile="off",
     )
 
 

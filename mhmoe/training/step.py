@@ -23,6 +23,7 @@ from mhmoe.distributed.parallel import Parallel, clip_grad_norm, sync_expert_gra
 from mhmoe.layers.config import MoEAux
 from mhmoe.model import ModelOutput
 from mhmoe.profiling import MODEL, OPTIMIZER, label
+from mhmoe.training.compile import CompileMode
 from mhmoe.training.routing_health import RoutingMonitor
 
 # How a per-layer metric of one micro-batch becomes its metrics.jsonl value:
@@ -129,19 +130,33 @@ class StepStats:
 
 
 def train_step(step: int, net: nn.Module, model: nn.Module, sampler: TrainSampler, accum: int, par: Parallel,
-               grad_clip: float, autocast: AbstractContextManager, routing: RoutingMonitor) -> dict[str, Any]:
+               grad_clip: float, autocast: AbstractContextManager, routing: RoutingMonitor,
+               compile_mode: CompileMode = "off") -> dict[str, Any]:
     """Forward and backward of the `accum` micro-batches of optimizer step `step` (0-based), expert-gradient
     synchronisation and clipping; returns the step's metrics (StepStats.to_host). The weights are not updated:
     the caller checks the loss first.
 
-    net: the module to call (DDP wraps `model`); model: the module whose parameters are trained; routing: the
-    run's routing monitor (health metrics, the aux-loss-free bias update, dead experts).
+    net: the module to call (DDP wraps `model`, torch.compile may wrap either); model: the module whose
+    parameters are trained; routing: the run's routing monitor (health metrics, the aux-loss-free bias update,
+    dead experts); compile_mode: how `net` was compiled (mhmoe.training.compile). Under "cudagraphs" each
+    micro-batch is a new CUDA-graph step whose outputs the next replay overwrites: StepStats and the routing
+    monitor keep only tensors of their own (sums, stacks, clones), the output is dropped before the next
+    micro-batch, and the gradients are allocated before the first backward so that autograd accumulates into
+    them in place rather than keeping the backward graph's output buffers as .grad (the caller zeroes them with
+    set_to_none=False).
     """
     stats = StepStats(accum, par.device)
     ddp = par.world > 1 and par.mode == "ddp"
+    cudagraphs = compile_mode == "cudagraphs"
+    if cudagraphs:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     for micro in range(accum):
         x, y = sampler.batch(step, micro)
         x, y = x.to(par.device, non_blocking=True), y.to(par.device, non_blocking=True)
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         # DDP all-reduces on the last micro-batch only; FSDP2 reduce-scatters each one.
         sync = net.no_sync() if ddp and micro < accum - 1 else nullcontext()
         with sync:
@@ -150,6 +165,7 @@ def train_step(step: int, net: nn.Module, model: nn.Module, sampler: TrainSample
             (out.loss / accum).backward()
         stats.add(out)
         routing.add(out.aux)
+        del out  # nothing of this micro-batch's graph outputs outlives it (the next CUDA-graph replay reuses them)
     sync_expert_grads(model, par)
     with label(OPTIMIZER):
         grad_norm = clip_grad_norm(model, par, grad_clip) if grad_clip > 0 else None

@@ -229,7 +229,7 @@ def test_bench_train_compile_flag(capsys, monkeypatch):
     (["bench", "train", "--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
     (["bench", "train", "--preset", "huge"], "--preset: unknown preset 'huge'"),
     (["bench", "train", "--preset", "smoke", "--variants", "smoe,mega"], "unknown variant 'mega'"),
-    (["bench", "train", "--compile", "max"], "--compile: expected one of preset, off, on (bare --compile: on)"),
+    (["bench", "train", "--compile", "max"], "--compile: expected one of preset, auto, off, on, cudagraphs (bare --compile: on)"),
     (["bench", "train", "--variants", "smoe,dense", "--profile-variants", "mhmoe-h3"],
      "--profile-variants: expected a comma-separated subset of smoe, dense, got 'mhmoe-h3'"),
     (["bench", "train", "--profile-steps", "0"], "--profile-steps: must be >= 1, got 0"),
@@ -419,16 +419,14 @@ def test_run_throughput_of_a_stopped_train_run(tmp_path):
 
 
 def test_bench_train_compile_mode_follows_the_preset():
-    from types import SimpleNamespace
-
-    from mhmoe.bench.train import compile_mode_of, compiles
+    from mhmoe.bench.train import bench_config
+    from mhmoe.training.compile import resolve_compile
+    from mhmoe.training.presets import preset
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    off, on = SimpleNamespace(compile=False), SimpleNamespace(compile=True)
-    assert not compiles(off, "preset", cpu) and compiles(on, "preset", cpu)
-    assert compiles(off, "on", cpu) and not compiles(on, "off", cuda)
-    assert (compile_mode_of(on, "preset", cpu), compile_mode_of(on, "off", cpu)) == ("on", "off")
-    # The modes TrainConfig.compile is to take (mhmoe.training.compile): auto compiles on CUDA only.
-    auto = SimpleNamespace(compile="auto")
-    assert compiles(auto, "preset", cuda) and not compiles(auto, "preset", cpu)
-    assert not compiles(SimpleNamespace(compile="off"), "preset", cuda) and compile_mode_of(auto, "preset", cpu) == "auto"
+    cfg = preset("smoke", "smoe")
+    assert cfg.compile == "auto" and bench_config(cfg, "preset") is cfg  # as mhmoe train runs the preset
+    assert resolve_compile(bench_config(cfg, "preset"), cpu) == "off"
+    assert resolve_compile(bench_config(cfg, "preset"), cuda) == "on"
+    assert resolve_compile(bench_config(cfg, "on"), cpu) == "on"
+    assert resolve_compile(bench_config(cfg, "off"), cuda) == "off"

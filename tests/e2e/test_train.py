@@ -79,6 +79,25 @@ def test_resume_is_bit_exact(tmp_path, cache):
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")  # exact float equality
 
 
+def test_a_run_whose_config_says_compile_false_resumes(tmp_path, cache, capsys):
+    """TrainConfig.compile was a bool (false by default): a run directory from then resumes, from the API (today's
+    config, compared with the stored one) and from the CLI (the stored config, read back), and keeps its losses.
+    (true -> "on" goes through the same table: tests/unit/test_config.py.)"""
+    old = False
+    cfg = _cfg("smoe", steps=4, ckpt_every=1)
+    train(cfg, tmp_path / "ref", ROOT, cache, progress=False)
+    run = tmp_path / "old"
+    train(cfg, run, ROOT, cache, progress=False, stop_after=2)
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["compile"] == "auto"
+    (run / "config.json").write_text(json.dumps({**stored, "compile": old}, indent=2, sort_keys=True))
+    assert train(cfg, run, ROOT, cache, progress=False, stop_after=3).step == 3  # compile="auto" now: the same run
+    assert main(["train", "--out", str(run), "--data-root", str(ROOT), "--cache-dir", str(cache),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["compile"] is old  # the run's file is left as it was
+    assert _losses(run) == _losses(tmp_path / "ref")
+
+
 def test_sigkill_mid_training_then_resume_matches(tmp_path, cache):
     cfg = _cfg("smoe", steps=14, ckpt_every=1)
     train(cfg, tmp_path / "ref", ROOT, cache, progress=False)

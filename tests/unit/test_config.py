@@ -1,8 +1,13 @@
-"""FFNConfig: validation with one-line errors that name the field, unknown keys, coercion."""
+"""FFNConfig: validation with one-line errors that name the field, unknown keys, coercion; TrainConfig.compile's
+named modes and the booleans older configs wrote."""
+
+import json
 
 import pytest
 
 from mhmoe import ConfigError, FFNConfig
+from mhmoe.training.config import TrainConfig
+from mhmoe.training.rundir import _check_same_config
 
 
 @pytest.mark.parametrize(
@@ -38,3 +43,23 @@ def test_from_dict_rejects_unknown_keys_and_coerces_strings():
     assert FFNConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.override("heads", "3").heads == 3
 
+
+
+@pytest.mark.parametrize("old, new", [(False, "off"), (True, "on"), ("false", "off"), ("true", "on"),
+                                      ("auto", "auto"), ("cudagraphs", "cudagraphs")])
+def test_train_config_compile_reads_the_old_booleans(old, new, tmp_path):
+    """TrainConfig.compile was a bool: config.json files and commands that say true/false still load."""
+    assert TrainConfig.from_dict({"compile": old, "device": "auto"}).compile == new
+    assert TrainConfig(device="auto").override("compile", str(old).lower()).compile == new
+    assert TrainConfig().compile == "auto"
+    stored = tmp_path / "config.json"  # an old run's config.json against today's resolved config: the same run
+    stored.write_text(json.dumps({**json.loads(TrainConfig(device="auto").to_json()), "compile": old}))
+    _check_same_config(stored, TrainConfig(device="auto"))
+
+
+def test_train_config_compile_rejects_other_values():
+    with pytest.raises(ConfigError, match=r"compile: 'yes' is not allowed; use one of 'auto', 'off', 'on', 'cudagraphs'"):
+        TrainConfig.from_dict({"compile": "yes"})
+    with pytest.raises(ConfigError, match=r"TrainConfig\.compile: 'cudagraphs' needs device=cuda") as info:
+        TrainConfig(compile="cudagraphs")  # device="cpu", the default
+    assert "\n" not in str(info.value)

@@ -1,10 +1,14 @@
-"""The language model: shapes, causality, KV cache, aux losses, parameter counts, presets and variants."""
+"""The language model: shapes, causality, KV cache, aux losses, parameter counts, presets and variants; the
+training loss without logits and the RoPE tables per compute dtype."""
 
 import pytest
 import torch
+from helpers import assert_close_scaled
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mhmoe import ConfigError, FFNConfig
 from mhmoe.complexity import flops_per_token, model_param_count
+from mhmoe.layers.attention import apply_rope, rope_tables
 from mhmoe.model import Transformer
 from mhmoe.training.presets import (
     PAPER_VARIANTS,
@@ -232,3 +236,116 @@ def test_head_and_merge_init_is_norm_preserving_and_residual_scaling_is_applied_
     resid = 0.02 / (2 * BASE.n_layers) ** 0.5
     assert ffn.experts.w2.std().item() == pytest.approx(resid, rel=0.1)
     assert ffn.experts.w1.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training forward's loss (chunked, no logits) against return_logits=True (full logits, F.cross_entropy)
+
+
+def _loss_grads(model, idx, tgt, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(idx, tgt, **kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("variant, tie", [("dense", True), ("smoe", True), ("mhmoe-h3", False)])
+def test_training_forward_has_no_logits_and_the_reference_loss(variant, tie, precision):
+    model = _model(variant, tie_embeddings=tie)
+    assert model.uses_fused_loss() and (model.lm_head.weight is model.embed.weight) == tie
+    idx, tgt = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        fused, g_fused = _loss_grads(model, idx, tgt)
+        ref, g_ref = _loss_grads(model, idx, tgt, return_logits=True)
+        with torch.no_grad():  # without targets: the logits, as evaluation and generation read them
+            logits = model(idx).logits
+    assert fused.logits is None and ref.logits.shape == (2, 16, 97)
+    assert fused.ce_loss.dtype == torch.float32
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(fused.ce_loss, ref.ce_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(fused.loss, fused.ce_loss + fused.aux_loss)
+    assert g_fused.keys() == g_ref.keys() and "embed.weight" in g_fused
+    for name in g_ref:
+        assert_close_scaled(g_fused[name], g_ref[name], tol, name)
+    torch.testing.assert_close(logits, ref.logits, rtol=0, atol=0)
+
+
+def test_rope_float32_path_is_unchanged():
+    """The float32 rotation computes exactly what it did before the per-dtype tables (the old function, here)."""
+
+    def old_apply_rope(x, cos, sin):
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+    model = _model("dense")
+    cos, sin = model.rope(torch.float32)
+    assert cos is model.rope_cos and cos.dtype == torch.float32
+    old_cos, old_sin = rope_tables(BASE.dim // BASE.n_heads, 32, 10000.0)
+    assert torch.equal(cos, old_cos) and torch.equal(sin, old_sin)
+    x = torch.randn(2, 4, 16, BASE.dim // BASE.n_heads)
+    assert torch.equal(apply_rope(x, cos[:16], sin[:16]), old_apply_rope(x, old_cos[:16], old_sin[:16]))
+    # and a 16-bit x with float32 tables (the hf wrapper's before) still rotates in float32
+    xb = x.bfloat16()
+    assert torch.equal(apply_rope(xb, cos[:16], sin[:16]), old_apply_rope(xb, old_cos[:16], old_sin[:16]))
+
+
+def test_rope_bf16_tables_are_cached_and_match_float32():
+    model = _model("dense")
+    cos, sin = model.rope(torch.bfloat16)
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    assert model.rope(torch.bfloat16)[0] is cos  # built once, at construction: the same tensor every call
+    assert torch.equal(cos, model.rope_cos.bfloat16()) and torch.equal(sin, model.rope_sin.bfloat16())
+    assert model.rope(torch.float16)[0].dtype == torch.float16
+    x = torch.randn(2, 4, 32, BASE.dim // BASE.n_heads)
+    ref = apply_rope(x, *model.rope(torch.float32))  # float32 rotation of the same inputs
+    got = apply_rope(x.bfloat16(), cos, sin)
+    assert got.dtype == torch.bfloat16  # no float32 copy of q/k: computed in bf16
+    assert_close_scaled(got, ref, 2e-2, "bf16 rope")
+    with _Ops() as ops:
+        apply_rope(x.bfloat16(), cos, sin)
+    assert torch.float32 not in ops.dtypes
+
+
+def test_bf16_model_forward_rotates_in_bf16_and_matches_float32():
+    model = _model("dense").eval()
+    idx = torch.randint(0, 97, (2, 16))
+    ref = model(idx).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _Ops() as ops:
+            got = model(idx).logits
+    # q and k ([B, A, T, Dh], halves [B, A, T, Dh/2]) never exist in float32 under autocast
+    dh = BASE.dim // BASE.n_heads
+    assert not any(d == torch.float32 and s in ((2, BASE.n_heads, 16, dh), (2, BASE.n_heads, 16, dh // 2))
+                   for d, s in ops.sizes)
+    assert any(d == torch.bfloat16 and s == (2, BASE.n_heads, 16, dh) for d, s in ops.sizes)  # the hook sees them
+    assert_close_scaled(got, ref, 3e-2, "bf16 autocast logits")
+
+
+def test_rope_buffers_are_refilled_in_place():
+    """init_rope (what the hf wrapper runs after loading on the meta device) restores every table."""
+    model = _model("dense")
+    want = {n: b.clone() for n, b in model.named_buffers() if n.startswith("rope_")}
+    assert sorted(want) == ["rope_cos", "rope_cos_bfloat16", "rope_cos_float16", "rope_sin", "rope_sin_bfloat16",
+                            "rope_sin_float16"]
+    for n in want:
+        getattr(model, n).zero_()
+    model.init_rope()
+    assert all(torch.equal(getattr(model, n), b) for n, b in want.items())
+    assert not any(n.startswith("rope_") for n in model.state_dict())  # not part of checkpoints
+
+
+class _Ops(TorchDispatchMode):
+    """The dtypes and shapes of the tensors aten ops return."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes, self.sizes = set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.dtypes.add(o.dtype)
+                self.sizes.append((o.dtype, tuple(o.shape)))
+        return out

@@ -1,0 +1,172 @@
+"""The chunked linear cross-entropy (mhmoe/layers/loss.py) against its slow reference, F.cross_entropy on the full
+float32 logits: loss and gradients in float32 and under bf16 autocast, any chunk size, ignored rows, tied
+weights, torch.compile without graph breaks, and no [N, V] tensor ever allocated."""
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from helpers import assert_close_scaled
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mhmoe.layers.loss import CHUNK_ELEMENTS, chunk_rows, linear_cross_entropy
+
+N, D, V = 37, 24, 101  # N prime: chunk sizes that do not divide it leave a short last chunk
+
+
+def _inputs(dtype=torch.float32, ignore=True):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=gen).to(dtype).requires_grad_(True)
+    w = (torch.randn(V, D, generator=gen) * 0.3).to(dtype).requires_grad_(True)
+    t = torch.randint(V, (N,), generator=gen)
+    if ignore:
+        t[[3, 20]] = -100  # ignored rows count neither in the sum nor in the mean
+    return h, w, t
+
+
+def _reference(h, w, t, reduction="mean"):
+    return F.cross_entropy(F.linear(h, w).float(), t, reduction=reduction)
+
+
+def _loss_and_grads(fn, h, w, t, scale=2.5):
+    h.grad = w.grad = None
+    loss = fn(h, w, t)
+    (loss * scale).backward()  # a non-unit dL/dloss: the backward scales the gradients saved by the forward
+    return loss.detach(), h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 13, N, 64, "auto"])
+def test_float32_equals_full_logits(rows):
+    h, w, t = _inputs()
+    want = _loss_and_grads(_reference, h, w, t)
+    got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=rows), h, w, t)
+    assert got[0].dtype == torch.float32
+    for name, a, b in zip(("loss", "dh", "dW"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sum_reduction_and_batched_rows():
+    h, w, t = _inputs()
+    want = _loss_and_grads(lambda *a: _reference(*a, reduction="sum"), h, w, t)
+    # [B, T, D] hidden states with [B, T] targets, as the model passes them (B*T = N: 1 x 37)
+    got = _loss_and_grads(lambda h, w, t: linear_cross_entropy(h.view(1, N, D), w, t.view(1, N), rows=5,
+                                                               reduction="sum"), h, w, t)
+    for name, a, b in zip(("loss", "dh", "dW"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("rows", [7, "auto"])
+def test_bf16_autocast_within_tolerance(rows):
+    """fp32 weights under bf16 autocast: the matmuls in bf16 as F.linear's would be, the softmax in fp32."""
+    h, w, t = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _loss_and_grads(_reference, h, w, t)
+        got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=rows), h, w, t)
+    assert got[1].dtype == got[2].dtype == torch.float32  # gradients in the parameters' dtype
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_scaled(got[1], want[1], 2e-2, "dh")
+    assert_close_scaled(got[2], want[2], 2e-2, "dW")
+
+
+def test_bf16_weights():
+    h, w, t = _inputs(torch.bfloat16)
+    want = _loss_and_grads(_reference, h, w, t)
+    got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=7), h, w, t)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_scaled(got[1], want[1], 2e-2, "dh")
+    assert_close_scaled(got[2], want[2], 2e-2, "dW")
+
+
+def test_tied_weights_gradients_add_up():
+    """The LM head's weight is the embedding: its gradient is the embedding's plus the loss's."""
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.nn.Embedding(V, D)
+    idx, t = torch.randint(V, (N,), generator=gen), torch.randint(V, (N,), generator=gen)
+    proj = torch.nn.Linear(D, D, bias=False)
+
+    def run(loss_fn):
+        emb.zero_grad(set_to_none=True)
+        proj.zero_grad(set_to_none=True)
+        h = torch.tanh(proj(emb(idx)))  # [N, D]
+        loss = loss_fn(h, emb.weight, t)
+        loss.backward()
+        return loss.detach(), emb.weight.grad.clone(), proj.weight.grad.clone()
+
+    want, got = run(_reference), run(lambda *a: linear_cross_entropy(*a, rows=6))
+    for name, a, b in zip(("loss", "d embedding", "d proj"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Allocations(TorchDispatchMode):
+    """Every tensor an aten op returns: (op name, shape, dtype), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.seen.append((func.__name__.split(".")[0], tuple(o.shape), o.dtype))
+        return out
+
+    def largest(self, dtype=None):
+        return max((torch.Size(s).numel() for _, s, d in self.seen if dtype is None or d == dtype), default=0)
+
+
+def test_never_allocates_the_full_logits():
+    """By construction: no op in the forward or the backward returns a tensor as large as [N, V] (any dtype);
+    the largest is one chunk's logits [rows, V] (W's gradient [V, D] is smaller: D < rows here)."""
+    h, w, t = _inputs()
+    rows = 30
+    with _Allocations() as seen:
+        linear_cross_entropy(h, w, t, rows=rows).backward()
+    assert seen.largest() == rows * V < N * V
+    with _Allocations() as control:  # the hook sees the reference's [N, V] float32 logits
+        _reference(h, w, t).backward()
+    assert control.largest(torch.float32) >= N * V
+
+
+def test_no_grad_computes_no_gradients():
+    """Under no_grad (evaluation) the forward does the loss alone: one matmul per chunk, nothing saved."""
+    h, w, t = _inputs()
+    with torch.no_grad(), _Allocations() as seen:
+        loss = linear_cross_entropy(h, w, t, rows=10)
+    torch.testing.assert_close(loss, _reference(h, w, t).detach(), rtol=1e-5, atol=1e-6)
+    matmuls = [(op, s) for op, s, _ in seen.seen if op in ("mm", "addmm", "addmm_", "matmul")]
+    assert matmuls == [("mm", (10, V))] * 3 + [("mm", (7, V))]  # the logits of each chunk, no gradient matmul
+    with _Allocations() as seen:
+        linear_cross_entropy(h, w, t, rows=10)  # grad mode: dh and dW of each chunk as well
+    assert sum(op in ("mm", "addmm_") for op, _, _ in seen.seen) == 3 * 4
+
+
+def test_double_backward_is_refused():
+    h, w, t = _inputs()
+    loss = linear_cross_entropy(h, w, t, rows=10)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_compiles_without_graph_breaks(precision):
+    torch._dynamo.reset()
+    h, w, t = _inputs()
+    compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, rows=10), backend="aot_eager",
+                             fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        want = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=10), h, w, t)
+        got = _loss_and_grads(compiled, h, w, t)
+    for name, a, b in zip(("loss", "dh", "dW"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunk_rows():
+    assert chunk_rows(65536, 50304) == 1344  # 49 chunks of the gpu preset's micro-batch, about 2^26 logits each
+    assert chunk_rows(100, 50304) == 100  # never more rows than there are
+    assert chunk_rows(37, 101, 7) == 7 and chunk_rows(5, 101, 7) == 5
+    n = chunk_rows(10_000, 8192)
+    assert n % 64 == 0 and n * 8192 <= 1.05 * CHUNK_ELEMENTS
+    with pytest.raises(ValueError, match="chunk_rows"):
+        chunk_rows(10, 10, 0)
