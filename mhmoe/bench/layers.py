@@ -21,6 +21,7 @@ from mhmoe.bench.stats import Ratio, sample_rounds, summarise
 from mhmoe.bench.variants import layer_variants, naive_forward
 from mhmoe.complexity import flops_per_token
 from mhmoe.layers.build import build_ffn
+from mhmoe.layers.config import FFNConfig
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -42,19 +43,11 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
             continue
         smoe_layer = layer if name == "smoe" else smoe_layer
         impls.append(Impl(name, "sorted", flops, layer, layer))
-        if "grouped_mm" in args.impls:
-            try:
-                glayer = build_ffn(cfg.replace(dispatch="grouped_mm")).to(x.device, dtype)
-            except ValueError as e:  # grouped_mm's alignment rule
-                log(f"{name}/grouped_mm: skipped ({e})")
-                glayer = None
-        if "grouped_mm" in args.impls and glayer is not None:
-            glayer.load_state_dict(layer.state_dict())
-            try:
-                check_against(f"{name}/grouped_mm", glayer, glayer, layer, layer, x, g, dtype, lambda d: d)
-                impls.append(Impl(name, "grouped_mm", flops, glayer, glayer))
-            except (RuntimeError, NotImplementedError) as e:  # torch's grouped_mm kernel lacks this device/dtype
-                log(f"{name}/grouped_mm: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        for dispatch in ("grouped_mm", "scatter"):  # the alternative dispatches asked for
+            if dispatch in args.impls:
+                alt = _alternative(name, cfg, dispatch, layer, x, g, dtype, log)
+                if alt is not None:
+                    impls.append(Impl(name, dispatch, flops, alt, alt))
         if "naive" in args.impls:
             naive = lambda t, layer=layer: naive_forward(layer, t)  # noqa: E731
             check_against(f"{name}/naive", naive, layer, layer, layer, x, g, dtype, lambda d: d)
@@ -101,6 +94,28 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
     impls.append(Impl("gemm", "gemm", 2 * args.tokens * args.dim * args.hidden_dim, gemm,
                       lambda t, gemm=gemm: (t.reshape(-1, t.shape[-1]) @ gemm.w, None)))
     return impls
+
+
+def _alternative(name: str, cfg: FFNConfig, dispatch: str, layer: nn.Module, x: torch.Tensor, g: torch.Tensor,
+                 dtype: torch.dtype, log: Callable[[str], None]) -> nn.Module | None:
+    """`layer` rebuilt with `dispatch` and its weights, checked against it; None (with a log line) where the
+    dispatch cannot run here. A check that fails (another function) raises."""
+    try:
+        alt = build_ffn(cfg.replace(dispatch=dispatch)).to(x.device, dtype)
+    except ValueError as e:  # grouped_mm's alignment rule
+        log(f"{name}/{dispatch}: skipped ({e})")
+        return None
+    alt.load_state_dict(layer.state_dict())
+    try:
+        check_against(f"{name}/{dispatch}", alt, alt, layer, layer, x, g, dtype, lambda d: d)
+    except AssertionError:
+        raise
+    # torch's grouped_mm kernel lacks this device/dtype; no Triton, or its compiler fails on this device: a
+    # skip the log names, the rest of the benchmark still runs.
+    except Exception as e:  # noqa: BLE001
+        log(f"{name}/{dispatch}: skipped ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
+        return None
+    return alt
 
 
 def layer_ratios(impls: list[Impl], mode: str) -> dict[tuple[str, str, str], dict[str, Ratio]]:

@@ -20,10 +20,20 @@ from mhmoe.bench.stats import LEVEL
 from mhmoe.bench.train import bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants
 from mhmoe.errors import UserError
+from mhmoe.layers.experts import resolve_dispatch
 from mhmoe.training.device import cpu_has_fast_bf16
 from mhmoe.training.presets import PRESETS, preset_names
 
+IMPLS = ("sorted", "grouped_mm", "scatter", "naive", "intra-op")
 MAX_SECONDS = 300.0  # of timed rounds per sampling loop: a 1-thread d=768 layer run gets about 15 rounds
+
+
+def default_impls(device: str) -> list[str]:
+    """--impls by default: sorted (every ratio's base) on CPU; on CUDA also grouped_mm and auto's pick there."""
+    if device != "cuda":
+        return ["sorted"]
+    auto = resolve_dispatch("auto", torch.device("cuda"), 768, 2048, torch.bfloat16)  # scatter with Triton
+    return list(dict.fromkeys(["sorted", "grouped_mm", auto]))
 
 
 def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -79,7 +89,9 @@ def _cli(args: argparse.Namespace) -> int:
             fast = args.device == "cuda" or cpu_has_fast_bf16()
             args.dtypes = "float32,bfloat16" if fast else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
-        args.impls = _split(args.impls, ("sorted", "grouped_mm", "naive", "intra-op"), "--impls")
+        if args.impls is None:
+            args.impls = ",".join(default_impls(args.device))
+        args.impls = _split(args.impls, IMPLS, "--impls")
         if args.dim % 6:
             raise UserError(f"--dim: must be divisible by 2 and 3 (MH-MoE h=2 and h=3), got {args.dim}")
         try:
@@ -136,8 +148,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--dtypes", default=None,
                      help="float32 and/or bfloat16 (default: both where the CPU has native bf16, else float32)")
     lay.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
-    lay.add_argument("--impls", default="sorted",
-                     help="our implementations: sorted, grouped_mm, naive, intra-op (default sorted)")
+    lay.add_argument("--impls", default=None,
+                     help=f"our implementations: {', '.join(IMPLS)} (default: sorted on CPU; on CUDA sorted, "
+                          "grouped_mm and what dispatch='auto' runs there, scatter when Triton imports)")
     lay.add_argument("--no-hf", action="store_true", help="leave out transformers' Mixtral block")
     tr = what.add_parser("train", help="whole-model training steps per second of the preset's five variants")
     tr.add_argument("--preset", default="tiny", help=f"{preset_names()} sizes (default tiny)")
