@@ -133,8 +133,8 @@ class TorchKernels:
             w = weights[j].unsqueeze(1)
             ga = acc * w
             gh3[lo:hi] = ga * silu
-            gh1[lo:hi] = ga * p3 * sig * (1.0 + p1 * (1.0 - sig))
             aw[lo:hi] = a * w
+            gh1[lo:hi] = ga * p3 * (sig + silu * (1.0 - sig))  # silu' = sig + silu (1 - sig)
         return gh1, gh3, aw, dw
 
     @staticmethod
@@ -160,6 +160,9 @@ def kernels_for(device: torch.device) -> Kernels:
     """The implementation of the primitives for tensors on `device`."""
     if device.type == "cuda" or (device.type == "cpu" and CPU_KERNELS == "triton"):
         require_triton()
+        if device.type == "cpu" and not TritonKernels.interpreted:
+            raise ValueError("scatter_experts.CPU_KERNELS: 'triton' runs the kernels on CPU tensors in Triton's "
+                             "interpreter only; set TRITON_INTERPRET=1 before mhmoe is imported")
         return TritonKernels
     if CPU_KERNELS != "torch":
         raise ValueError(f"scatter_experts.CPU_KERNELS: {CPU_KERNELS!r} is not one of 'torch', 'triton'")

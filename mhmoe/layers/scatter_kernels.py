@@ -54,14 +54,19 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
             for m, n, k, w, s in shapes]
 
 
-# Row-block GEMMs (rows of one expert x columns). Two accumulators (swiglu_up) double the registers per tile.
+# Row-block GEMMs (rows of one expert x columns); configs checked for spills with scripts/compile_scatter_kernels.py.
+# Two accumulators (swiglu_up) double the registers per tile: 8 warps from 64 x 128 up.
 ROW_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
                (128, 128, 32, 8, 4)]
-DUAL_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)]
+DUAL_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+# The backward's SwiGLU epilogue keeps ~7 tiles live (dA, h1, h3 and their products): 32 float32 elements of a
+# tile per thread at most, or ptxas spills (scripts/compile_scatter_kernels.py).
+BWD_CONFIGS = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+               (128, 64, 32, 8, 4)]
 # Per-expert X^T Y tiles (BLOCK_M x BLOCK_N of the weight gradient), BLOCK_K rows per step.
 XTY_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
                (128, 128, 32, 8, 4)]
-assert all(n >= MIN_BLOCK_N for _, n, _, _, _ in ROW_CONFIGS) or INTERPRET
+assert INTERPRET or all(n % MIN_BLOCK_N == 0 for _, n, _, _, _ in BWD_CONFIGS)  # dwp's column groups
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -108,7 +113,7 @@ def _expert_block(pid_m, starts_ptr, ends_ptr, E, E_P2: tl.constexpr, BLOCK_M: t
     return e, start, end
 
 
-@triton.autotune(configs=_configs(DUAL_CONFIGS), key=["Din", "F"])
+@triton.autotune(configs=_configs(DUAL_CONFIGS), key=["Din", "F", "STORE_H"])
 @triton.jit
 def _swiglu_up_kernel(x_ptr, w1_ptr, w3_ptr, order_ptr, starts_ptr, ends_ptr, a_ptr, h1_ptr, h3_ptr,
                       Din, F, E,
@@ -202,7 +207,7 @@ def _scatter_mm_kernel(a1_ptr, wa_ptr, a2_ptr, wb_ptr, weights_ptr, order_ptr, s
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_configs(ROW_CONFIGS), key=["Din", "F"], reset_to_zero=["dwp_ptr"])
+@triton.autotune(configs=_configs(BWD_CONFIGS), key=["Din", "F"], reset_to_zero=["dwp_ptr"])
 @triton.jit
 def _swiglu_down_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, weights_ptr, order_ptr, starts_ptr, ends_ptr,
                             gh1_ptr, gh3_ptr, aw_ptr, dwp_ptr,
@@ -237,6 +242,8 @@ def _swiglu_down_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, weights_ptr, order_p
         w_ptrs += BLOCK_K * stride_2d
     hid = rows.to(tl.int64)[:, None] * F + cols[None, :]  # h1, h3, gh1, gh3, aw: contiguous [S, F], sorted
     mask = mask_m[:, None] & mask_n[None, :]
+    # The epilogue stores each result as soon as it is complete, so few [BLOCK_M, BLOCK_N] temporaries are live
+    # at once (register pressure: scripts/compile_scatter_kernels.py reports spills).
     h1 = tl.load(h1_ptr + hid, mask=mask, other=0.0).to(tl.float32)
     h3 = tl.load(h3_ptr + hid, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(h1)
@@ -246,12 +253,11 @@ def _swiglu_down_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, weights_ptr, order_p
     # Its column is the first of the MIN_BLOCK_N-wide column groups this tile covers (the rest stay zero).
     tl.store(dwp_ptr + j * DWP_COLS + pid_n * (BLOCK_N // MIN_BLOCK_N), tl.sum(acc * a, axis=1), mask=mask_m)
     w = tl.load(weights_ptr + j, mask=mask_m, other=0.0)[:, None]
-    ga = acc * w  # dL/da for the weighted expert output
-    gh3 = ga * silu
-    gh1 = ga * h3 * sig * (1.0 + h1 * (1.0 - sig))  # silu'(z) = sig(z) (1 + z (1 - sig(z)))
-    tl.store(gh1_ptr + hid, _out(gh1, gh1_ptr, ROUND), mask=mask)
-    tl.store(gh3_ptr + hid, _out(gh3, gh3_ptr, ROUND), mask=mask)
     tl.store(aw_ptr + hid, _out(a * w, aw_ptr, ROUND), mask=mask)  # dW2[e] = (w a)_e^T dY_e
+    ga = acc * w  # dL/da for the weighted expert output
+    tl.store(gh3_ptr + hid, _out(ga * silu, gh3_ptr, ROUND), mask=mask)
+    gh1 = ga * h3 * (sig + silu * (1.0 - sig))  # silu'(z) = sig(z) + silu(z) (1 - sig(z))
+    tl.store(gh1_ptr + hid, _out(gh1, gh1_ptr, ROUND), mask=mask)
 
 
 @triton.autotune(configs=_configs(XTY_CONFIGS), key=["MX", "NY", "X_GATHER", "Y_GATHER", "DUAL"])
@@ -330,6 +336,7 @@ class TritonKernels:
     """The five primitives on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
 
     name = "triton"
+    interpreted = INTERPRET
 
     @staticmethod
     def swiglu_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, order: torch.Tensor, starts: torch.Tensor,
