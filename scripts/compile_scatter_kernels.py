@@ -40,13 +40,13 @@ ONES = {"stride_xk", "stride_1n", "stride_3n", "stride_ak", "stride_an", "stride
 
 # (kernel, constexpr arguments besides the config's) as the launchers call them.
 BUILDS = [
-    (sk._swiglu_up_kernel, {"TOP_K": 3, "STORE_A": True, "STORE_H": True}),  # training forward
-    (sk._swiglu_up_kernel, {"TOP_K": 3, "STORE_A": True, "STORE_H": False}),  # no-grad forward
+    (sk._swiglu_up_kernel, {"STORE_A": True, "STORE_H": True}),  # training forward
+    (sk._swiglu_up_kernel, {"STORE_A": True, "STORE_H": False}),  # no-grad forward
     (sk._scatter_mm_kernel, {"TWO": False, "SCALE": True}),  # forward down projection, weighted, scattered
     (sk._scatter_mm_kernel, {"TWO": True, "SCALE": False}),  # dx rows: gh1 W1^T + gh3 W3^T
-    (sk._swiglu_down_bwd_kernel, {"TOP_K": 3, "MIN_BLOCK_N": sk.MIN_BLOCK_N}),
-    (sk._group_xty_kernel, {"TOP_K": 3, "X_GATHER": True, "Y_GATHER": False, "DUAL": True}),  # dW1, dW3
-    (sk._group_xty_kernel, {"TOP_K": 3, "X_GATHER": False, "Y_GATHER": True, "DUAL": False}),  # dW2
+    (sk._swiglu_down_bwd_kernel, {"MIN_BLOCK_N": sk.MIN_BLOCK_N}),
+    (sk._group_xty_kernel, {"X_GATHER": True, "Y_GATHER": False, "DUAL": True}),  # dW1, dW3
+    (sk._group_xty_kernel, {"X_GATHER": False, "Y_GATHER": True, "DUAL": False}),  # dW2
 ]
 
 
@@ -62,7 +62,7 @@ def build(kernel, consts: dict, config: triton.Config, dtype: str, arch: int):
             signature[name] = "constexpr"
             continue
         signature[name] = INDEX.get(name, f"*{dtype}" if name.endswith("_ptr") else "i32")
-        if name != "E":  # every pointer and size divisible by 16 (96 experts are too, but E is only compared)
+        if name not in fn.do_not_specialize and i not in fn.do_not_specialize:  # the rest: divisible by 16
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),

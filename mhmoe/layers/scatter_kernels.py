@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from triton import knobs
 
 # Whether triton.jit made interpreted functions: it reads TRITON_INTERPRET when it decorates, i.e. at this import.
@@ -67,6 +68,18 @@ BWD_CONFIGS = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64
 XTY_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
                (128, 128, 32, 8, 4)]
 assert INTERPRET or all(n % MIN_BLOCK_N == 0 for _, n, _, _, _ in BWD_CONFIGS)  # dwp's column groups
+
+
+# Arguments the kernels take as plain runtime integers, not specialised (Triton would compile a variant for a value
+# of 1 and for multiples of 16): the layers of one model (and the variants a benchmark runs) share one binary.
+# The widths and strides stay specialised, their divisibility by 16 is what vectorises the loads.
+GENERIC = ["E", "TOP_K"]
+
+
+def _bench(kernel_call, quantiles):  # noqa: ANN001, ANN202
+    """The autotuner's timing, shorter than Triton's default (25 ms warm-up, 100 ms per config): each config of
+    each kernel variant is timed once per shape, at the first call."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -113,12 +126,12 @@ def _expert_block(pid_m, starts_ptr, ends_ptr, E, E_P2: tl.constexpr, BLOCK_M: t
     return e, start, end
 
 
-@triton.autotune(configs=_configs(DUAL_CONFIGS), key=["Din", "F", "STORE_H"])
-@triton.jit
+@triton.autotune(configs=_configs(DUAL_CONFIGS), key=["Din", "F", "STORE_H"], do_bench=_bench)
+@triton.jit(do_not_specialize=GENERIC)
 def _swiglu_up_kernel(x_ptr, w1_ptr, w3_ptr, order_ptr, starts_ptr, ends_ptr, a_ptr, h1_ptr, h3_ptr,
                       Din, F, E,
                       stride_xm, stride_xk, stride_1e, stride_1k, stride_1n, stride_3e, stride_3k, stride_3n,
-                      TOP_K: tl.constexpr, STORE_A: tl.constexpr, STORE_H: tl.constexpr, E_P2: tl.constexpr,
+                      TOP_K, STORE_A: tl.constexpr, STORE_H: tl.constexpr, E_P2: tl.constexpr,
                       UPCAST: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -159,8 +172,8 @@ def _swiglu_up_kernel(x_ptr, w1_ptr, w3_ptr, order_ptr, starts_ptr, ends_ptr, a_
         tl.store(h3_ptr + out, _out(acc3, h3_ptr, ROUND), mask=mask)
 
 
-@triton.autotune(configs=_configs(ROW_CONFIGS), key=["KD", "NO", "TWO", "SCALE"])
-@triton.jit
+@triton.autotune(configs=_configs(ROW_CONFIGS), key=["KD", "NO", "TWO", "SCALE"], do_bench=_bench)
+@triton.jit(do_not_specialize=["E"])
 def _scatter_mm_kernel(a1_ptr, wa_ptr, a2_ptr, wb_ptr, weights_ptr, order_ptr, starts_ptr, ends_ptr, out_ptr,
                        KD, NO, E,
                        stride_am, stride_ak, stride_ae, stride_ak2, stride_an,
@@ -207,12 +220,12 @@ def _scatter_mm_kernel(a1_ptr, wa_ptr, a2_ptr, wb_ptr, weights_ptr, order_ptr, s
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS), key=["Din", "F"], reset_to_zero=["dwp_ptr"])
-@triton.jit
+@triton.autotune(configs=_configs(BWD_CONFIGS), key=["Din", "F"], reset_to_zero=["dwp_ptr"], do_bench=_bench)
+@triton.jit(do_not_specialize=GENERIC + ["DWP_COLS"])
 def _swiglu_down_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, weights_ptr, order_ptr, starts_ptr, ends_ptr,
                             gh1_ptr, gh3_ptr, aw_ptr, dwp_ptr,
                             Din, F, E, stride_dym, stride_dyk, stride_2e, stride_2f, stride_2d, DWP_COLS,
-                            TOP_K: tl.constexpr, E_P2: tl.constexpr, UPCAST: tl.constexpr,
+                            TOP_K, E_P2: tl.constexpr, UPCAST: tl.constexpr,
                             ROUND: tl.constexpr, PRECISION: tl.constexpr, MIN_BLOCK_N: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dA = dY[n] W2[e]^T for a tile of sorted rows x F columns, then the SwiGLU backward in the epilogue."""
@@ -260,13 +273,13 @@ def _swiglu_down_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, weights_ptr, order_p
     tl.store(gh1_ptr + hid, _out(gh1, gh1_ptr, ROUND), mask=mask)
 
 
-@triton.autotune(configs=_configs(XTY_CONFIGS), key=["MX", "NY", "X_GATHER", "Y_GATHER", "DUAL"])
-@triton.jit
+@triton.autotune(configs=_configs(XTY_CONFIGS), key=["MX", "NY", "X_GATHER", "Y_GATHER", "DUAL"], do_bench=_bench)
+@triton.jit(do_not_specialize=GENERIC)
 def _group_xty_kernel(x_ptr, y1_ptr, y2_ptr, order_ptr, starts_ptr, ends_ptr, out1_ptr, out2_ptr,
                       MX, NY, E,
                       stride_xm, stride_xk, stride_1m, stride_1n, stride_2m, stride_2n,
                       stride_oe, stride_om, stride_on,
-                      TOP_K: tl.constexpr, X_GATHER: tl.constexpr, Y_GATHER: tl.constexpr, DUAL: tl.constexpr,
+                      TOP_K, X_GATHER: tl.constexpr, Y_GATHER: tl.constexpr, DUAL: tl.constexpr,
                       UPCAST: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[e] = X_e^T Y_e (and X_e^T Y2_e) over expert e's rows; X/Y rows gathered by token when *_GATHER."""
@@ -307,7 +320,7 @@ def _group_xty_kernel(x_ptr, y1_ptr, y2_ptr, order_ptr, starts_ptr, ends_ptr, ou
         tl.store(out2_ptr + out, _out(acc2, out2_ptr, ROUND), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _sum_k_kernel(src_ptr, out_ptr, N, D, stride_sm, stride_om,
                   TOP_K: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[n] = sum_k src[n*K + k], k in order, in float32."""
@@ -329,7 +342,8 @@ def _sum_k_kernel(src_ptr, out_ptr, N, D, stride_sm, stride_om,
 
 
 def _e_p2(E: int) -> int:
-    return max(triton.next_power_of_2(E), 2)
+    """The kernels' vector of expert offsets: at least 128 long, so every model up to 128 experts shares a binary."""
+    return max(triton.next_power_of_2(E), 128)
 
 
 class TritonKernels:
