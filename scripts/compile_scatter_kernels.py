@@ -4,8 +4,9 @@ The CPU tests run the kernels in Triton's interpreter, which never builds them: 
 in every constexpr combination the launchers use and every autotune config, through Triton's real compiler
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas Triton ships) for sm_90 (H100/H200) and prints, per build,
 the shared memory, the registers and spills ptxas reports, whether the K loop was pipelined (async copies into
-shared memory) and whether the dots became Hopper warp-group MMAs. The arguments are specialised as Triton's launcher specialises real tensors (pointers and
-sizes divisible by 16, unit strides constant), for the shapes of the paper's layers at d=768.
+shared memory) and whether the dots became Hopper warp-group MMAs. The arguments are specialised as Triton's
+launcher specialises real tensors (pointers and sizes divisible by 16, unit strides constant; experts and top-k
+are never specialised), with 96 experts as MH-MoE h=3 at d=768.
 
     python scripts/compile_scatter_kernels.py [--dtype bfloat16|float32] [--first-config-only] [--arch 90]
 

@@ -34,7 +34,8 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
     smoe_layer = None
     for i, (name, cfg) in enumerate(layer_variants(args.dim, args.hidden_dim, args.num_experts).items()):
         torch.manual_seed(args.seed + i)
-        if cfg.kind == "moe":  # the `sorted` impl is sorted on every device (the default "auto" is grouped_mm on CUDA)
+        # The `sorted` impl is sorted on every device (the default "auto" is scatter or grouped_mm on CUDA).
+        if cfg.kind == "moe":
             cfg = cfg.replace(dispatch="sorted")
         layer = build_ffn(cfg).to(x.device, dtype)
         flops = flops_per_token(cfg).total * args.tokens

@@ -23,7 +23,9 @@ Accumulation is float32; tiles are loaded in the tensors' dtype (bfloat16 under 
 Under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) the constexpr UPCAST converts both dot operands to
 float32 first: Triton 3.6's interpreter multiplies the raw uint16 bit patterns of two bfloat16 tiles in tl.dot.
 A product of two bfloat16 (or float16) numbers is exact in float32, so the upcast changes only the summation order
-against the tensor-core path.
+against the tensor-core path. The constexpr ROUND works around the interpreter's other bfloat16 bug: its float32 ->
+bfloat16 cast truncates where the GPU rounds to nearest even (`_out` rounds first). With both, the interpreted
+kernels round every stored value as the torch twin does. The compiled kernels take neither branch.
 
 Shape legend: N (sub-)tokens, Din expert input width, F expert hidden, E experts, K top-k, S = N*K rows.
 """
@@ -398,7 +400,8 @@ class TritonKernels:
         grid = lambda META: ((triton.cdiv(S, META["BLOCK_M"]) + E) * triton.cdiv(F, META["BLOCK_N"]),)  # noqa: E731
         _swiglu_down_bwd_kernel[grid](dy, w2, h1, h3, weights, order, starts, ends, gh1, gh3, aw, dwp, Din, F, E,
                                       *dy.stride(), *w2.stride(), cols, TOP_K=top_k, E_P2=_e_p2(E),
-                                      UPCAST=UPCAST, ROUND=ROUND, PRECISION=dot_precision(dy.dtype), MIN_BLOCK_N=MIN_BLOCK_N)
+                                      UPCAST=UPCAST, ROUND=ROUND, PRECISION=dot_precision(dy.dtype),
+                                      MIN_BLOCK_N=MIN_BLOCK_N)
         return gh1, gh3, aw, dwp.sum(1)  # the partials of a row in a fixed order: deterministic
 
     @staticmethod
@@ -414,7 +417,8 @@ class TritonKernels:
         grid = lambda META: (E * triton.cdiv(MX, META["BLOCK_M"]) * triton.cdiv(NY, META["BLOCK_N"]),)  # noqa: E731
         _group_xty_kernel[grid](x, ys[0], y2, order, starts, ends, outs[0], outs[-1], MX, NY, E, *x.stride(),
                                 *ys[0].stride(), *y2.stride(), *outs[0].stride(), TOP_K=top_k, X_GATHER=x_gather,
-                                Y_GATHER=y_gather, DUAL=dual, UPCAST=UPCAST, ROUND=ROUND, PRECISION=dot_precision(x.dtype))
+                                Y_GATHER=y_gather, DUAL=dual, UPCAST=UPCAST, ROUND=ROUND,
+                                PRECISION=dot_precision(x.dtype))
         return tuple(outs)
 
     @staticmethod

@@ -1,6 +1,7 @@
 """torch.compile of models with MoE layers: the sorted path's data-dependent loop stays eager, so new routings
 never recompile (a graph specialised on the expert group sizes would recompile at every step); the grouped_mm
-path (auto on CUDA) traces whole, without graph breaks."""
+path (auto on CUDA without Triton) traces whole, without graph breaks; the scatter path (auto on CUDA with
+Triton): tests/unit/test_scatter_experts.py."""
 
 import pytest
 import torch
@@ -33,8 +34,8 @@ def test_compiled_layer_does_not_recompile_for_new_routings(name):
 @pytest.mark.parametrize("precision", ["bf16-weights", "fp32-weights-bf16-autocast"])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
 def test_grouped_path_compiles_without_graph_breaks(name, precision):
-    """The path auto takes on CUDA (grouped_mm in bf16) traces whole: fullgraph=True raises at any graph break,
-    and new routings reuse the graph (no shape or value depends on the routing)."""
+    """The path auto takes on CUDA without Triton (grouped_mm in bf16) traces whole: fullgraph=True raises at any
+    graph break, and new routings reuse the graph (no shape or value depends on the routing)."""
     torch._dynamo.reset()
     layer = _make(VARIANTS[name].replace(dispatch="grouped_mm", capacity_factor=0.5)).train()
     dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32

@@ -15,7 +15,8 @@ from mhmoe.layers.sorted_experts import DoubleBackwardError
 
 @pytest.mark.parametrize(
     "name, dispatch",
-    [(n, d) for n in VARIANTS for d in ("auto", "sorted", "grouped_mm", "scatter") if not (n == "dense" and d != "auto")],
+    [(n, d) for n in VARIANTS for d in ("auto", "sorted", "grouped_mm", "scatter")
+     if not (n == "dense" and d != "auto")],
 )
 def test_fast_path_equals_reference_fp32(name, dispatch):
     cfg = VARIANTS[name]

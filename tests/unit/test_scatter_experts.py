@@ -37,7 +37,7 @@ from mhmoe.model import ModelConfig, Transformer
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}  # of the reference's largest |value|
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}  # of the reference's largest |value| (seen: 4e-7, 7e-3)
 NAMES = ("y", "x", "weights", "w1", "w3", "w2")
 
 # name: (N, Din, F, E, K, experts that receive rows, capacity per expert or None)
@@ -354,7 +354,8 @@ def test_auto_picks_scatter_on_cuda_when_triton_imports(monkeypatch):
 
 def test_config_accepts_scatter_at_any_width_and_names_the_field_on_a_typo():
     assert FFNConfig(dim=36, hidden_dim=20, heads=3, num_experts=4, dispatch="scatter").dispatch == "scatter"
-    with pytest.raises(ConfigError, match=r"^FFNConfig.dispatch: 'scatterr' is not allowed; use one of .*'scatter'") as e:
+    with pytest.raises(ConfigError, match=r"^FFNConfig.dispatch: 'scatterr' is not allowed; use one of .*'scatter'") \
+            as e:
         FFNConfig(dispatch="scatterr")
     assert "\n" not in str(e.value)
 
