@@ -45,6 +45,7 @@ Shape legend: N (sub-)tokens, Din expert input width (D/h), F expert hidden, E e
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -169,10 +170,18 @@ def kernels_for(device: torch.device) -> Kernels:
     return TorchKernels
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' (a process may hold several GPUs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward(k: Kernels, x: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, order: Tensor,
              starts: Tensor, ends: Tensor, top_k: int, dropless: bool,
              save_hidden: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> y [N, Din], h1, h3 ([S, F] when save_hidden, else [0, F])."""
+    if not x.dtype == w1.dtype == w3.dtype == w2.dtype or weights.dtype != torch.float32:
+        raise ValueError(f"scatter_experts: x and the expert weights take one dtype (the compute dtype) and the "
+                         f"combine weights float32, got {x.dtype}, {w1.dtype}, {w3.dtype}, {w2.dtype}, {weights.dtype}")
     a, h1, h3 = k.swiglu_up(x, w1, w3, order, starts, ends, top_k, store_a=True, store_h=save_hidden)
     # o [S, Din] by assignment: for K = 1 that is y itself (row j = token n), no combine pass.
     o = k.scatter_mm((a,), (w2,), order, starts, ends, weights, order.shape[0], zero=not dropless)
@@ -210,7 +219,7 @@ def scatter_experts_fwd(x: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: 
     """x [N, Din] (any strides), weights [S] float32 by assignment, w1/w3 [E, Din, F], w2 [E, F, Din] (all in the
     compute dtype), order [S] long, starts/ends [E] int32 -> y [N, Din], h1, h3 ([S, F], or [0, F] unless
     save_hidden)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), _on_device(x.device):
         return _forward(kernels_for(x.device), x, weights, w1, w3, w2, order, starts, ends, top_k, dropless,
                         save_hidden)
 
@@ -226,7 +235,7 @@ def scatter_experts_bwd(dy: Tensor, x: Tensor, weights: Tensor, w1: Tensor, w3: 
                         starts: Tensor, ends: Tensor, h1: Tensor, h3: Tensor, top_k: int,
                         dropless: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of scatter_experts_fwd's y: (dx, dweights, dw1, dw3, dw2)."""
-    with torch.autocast(dy.device.type, enabled=False):
+    with torch.autocast(dy.device.type, enabled=False), _on_device(dy.device):
         return _backward(kernels_for(dy.device), dy, x, weights, w1, w3, w2, order, starts, ends, h1, h3, top_k,
                          dropless)
 

@@ -211,6 +211,9 @@ def test_opcheck_of_the_forward_op():
                                                                  True]
     result = torch.library.opcheck(torch.ops.mhmoe.scatter_experts_fwd.default, tuple(args))
     assert set(result.values()) == {"SUCCESS"}, result
+    args[2] = args[2].detach().bfloat16()  # w1 in another dtype than x: one line, not a wrong product
+    with pytest.raises(ValueError, match="take one dtype"):
+        torch.ops.mhmoe.scatter_experts_fwd(*args)
 
 
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
