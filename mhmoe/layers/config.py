@@ -134,6 +134,9 @@ class FFNConfig(Config):
                 f"FFNConfig.dispatch: grouped_mm needs dim/heads ({self.head_dim}) and hidden_dim ({self.hidden_dim}) "
                 "to be multiples of 8 (16-byte strides); use dispatch='sorted'"
             )
+        # dispatch="scatter" has no layout rule: its kernels mask every tile load, so any width and stride runs
+        # (tests/unit/test_scatter_experts.py: D/h = 12, F = 20). Whether Triton imports is a property of the
+        # machine, not of the config: checked where the layer runs (TritonUnavailableError, one line).
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
         if self.scoring == "sigmoid" and self.renormalize == "never":
