@@ -4,6 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # The Triton kernels of dispatch="scatter" (mhmoe/layers/scatter_kernels.py) run in Triton's interpreter on a
+    # machine without a GPU. triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when that module is
+    # first imported, so it is set here, before any test module imports mhmoe (pytest loads conftest.py first);
+    # processes the tests start inherit it. Only tests/unit/test_scatter_experts.py launches the kernels on CPU
+    # tensors; on a GPU the same tests run the compiled kernels on CUDA tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _pin_threads_under_xdist() -> None:
     """The suite runs at torch's default thread count, as users do (the expert threading, FLOP counters and

@@ -16,7 +16,7 @@ class Impl:
     """One timed callable: `fn(x)` returns (y, aux or None) for a [1, T, D] input."""
 
     variant: str
-    impl: str  # sorted | grouped_mm | naive | dense | <hf implementation> | gemm
+    impl: str  # sorted | grouped_mm | scatter | naive | dense | <hf implementation> | gemm
     flops_fwd: int  # forward matmul FLOPs of one call
     module: nn.Module
     fn: Callable[[torch.Tensor], tuple[torch.Tensor, MoEAux | None]]

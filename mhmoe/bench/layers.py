@@ -21,6 +21,7 @@ from mhmoe.bench.stats import Ratio, sample_rounds, summarise
 from mhmoe.bench.variants import layer_variants, naive_forward
 from mhmoe.complexity import flops_per_token
 from mhmoe.layers.build import build_ffn
+from mhmoe.layers.config import FFNConfig
 from mhmoe.layers.experts import resolve_dispatch
 
 MODES = ("fwd", "fwd+bwd")
@@ -40,7 +41,8 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
     for i, (name, cfg) in enumerate(layer_variants(args.dim, args.hidden_dim, args.num_experts).items()):
         torch.manual_seed(args.seed + i)
         auto = resolve_dispatch("auto", x.device, cfg.head_dim, cfg.hidden_dim, dtype) if cfg.kind == "moe" else None
-        if cfg.kind == "moe":  # the `sorted` impl is sorted on every device (the default "auto" is grouped_mm on CUDA)
+        # The `sorted` impl is sorted on every device (the default "auto" is scatter or grouped_mm on CUDA).
+        if cfg.kind == "moe":
             cfg = cfg.replace(dispatch="sorted")
         layer = build_ffn(cfg).to(x.device, dtype)
         flops = flops_per_token(cfg).total * args.tokens
@@ -49,22 +51,13 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
             continue
         smoe_layer = layer if name == "smoe" else smoe_layer
         impls.append(Impl(name, "sorted", flops, layer, layer, auto=want_auto and auto == "sorted"))
-        others = [d for d in args.impls if d not in NOT_DISPATCHES]
+        others = [d for d in args.impls if d not in NOT_DISPATCHES]  # the alternative dispatches asked for
         if want_auto and auto not in others and auto != "sorted":
             others.append(auto)
         for dispatch in others:
-            try:
-                other = build_ffn(cfg.replace(dispatch=dispatch)).to(x.device, dtype)
-            except ValueError as e:  # a dispatch's layout rule (grouped_mm's alignment)
-                log(f"{name}/{dispatch}: skipped ({e})")
-                continue
-            other.load_state_dict(layer.state_dict())
-            try:
-                check_against(f"{name}/{dispatch}", other, other, layer, layer, x, g, dtype, lambda d: d)
-            except (RuntimeError, NotImplementedError) as e:  # torch's kernel lacks this device/dtype
-                log(f"{name}/{dispatch}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-                continue
-            impls.append(Impl(name, dispatch, flops, other, other, auto=want_auto and dispatch == auto))
+            alt = _alternative(name, cfg, dispatch, layer, x, g, dtype, log)
+            if alt is not None:
+                impls.append(Impl(name, dispatch, flops, alt, alt, auto=want_auto and dispatch == auto))
         if "naive" in args.impls:
             naive = lambda t, layer=layer: naive_forward(layer, t)  # noqa: E731
             check_against(f"{name}/naive", naive, layer, layer, layer, x, g, dtype, lambda d: d)
@@ -111,6 +104,28 @@ def build_layer_impls(args: argparse.Namespace, dtype: torch.dtype, x: torch.Ten
     impls.append(Impl("gemm", "gemm", 2 * args.tokens * args.dim * args.hidden_dim, gemm,
                       lambda t, gemm=gemm: (t.reshape(-1, t.shape[-1]) @ gemm.w, None)))
     return impls
+
+
+def _alternative(name: str, cfg: FFNConfig, dispatch: str, layer: nn.Module, x: torch.Tensor, g: torch.Tensor,
+                 dtype: torch.dtype, log: Callable[[str], None]) -> nn.Module | None:
+    """`layer` rebuilt with `dispatch` and its weights, checked against it; None (with a log line) where the
+    dispatch cannot run here. A check that fails (another function) raises."""
+    try:
+        alt = build_ffn(cfg.replace(dispatch=dispatch)).to(x.device, dtype)
+    except ValueError as e:  # grouped_mm's alignment rule
+        log(f"{name}/{dispatch}: skipped ({e})")
+        return None
+    alt.load_state_dict(layer.state_dict())
+    try:
+        check_against(f"{name}/{dispatch}", alt, alt, layer, layer, x, g, dtype, lambda d: d)
+    except AssertionError:
+        raise
+    # torch's grouped_mm kernel lacks this device/dtype; no Triton, or its compiler fails on this device: a
+    # skip the log names, the rest of the benchmark still runs.
+    except Exception as e:  # noqa: BLE001
+        log(f"{name}/{dispatch}: skipped ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
+        return None
+    return alt
 
 
 def layer_ratios(impls: list[Impl], mode: str) -> dict[tuple[str, str, str], dict[str, Ratio]]:

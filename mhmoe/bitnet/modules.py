@@ -50,7 +50,7 @@ from torch import nn
 
 from mhmoe.bitnet.quant import dequant, quant_dtypes, quantize_act, quantize_weight
 from mhmoe.layers.attention import Attention
-from mhmoe.layers.experts import Experts, Implementation, gathered_experts, resolve_dispatch
+from mhmoe.layers.experts import Experts, RowsImplementation, gathered_experts, rows_dispatch
 from mhmoe.layers.ffn import SwiGLU
 from mhmoe.layers.moe import MoELayer
 from mhmoe.layers.norm import RMSNorm
@@ -173,9 +173,10 @@ class BitExperts(Experts):
                 x = F.rms_norm(x.float(), (self.in_dim,), self.in_norm.weight.float(), self.eps)
         return super().forward(x, indices, weights, capacity)
 
-    def resolved_dispatch(self, x: torch.Tensor) -> Implementation:
-        """As `Experts.resolved_dispatch`, for the dtype the quantised levels are multiplied in."""
-        return resolve_dispatch(self.dispatch, x.device, self.in_dim, self.hidden_dim, quant_dtypes(x)[0])
+    def resolved_dispatch(self, x: torch.Tensor) -> RowsImplementation:
+        """As `Experts.resolved_dispatch`, for the dtype the quantised levels are multiplied in; through the rows
+        seam's `rows_dispatch` (this class's experts have no scatter kernels: "scatter" runs as auto without it)."""
+        return rows_dispatch(self.dispatch, x.device, self.in_dim, self.hidden_dim, quant_dtypes(x)[0])
 
     def _run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         E = self.num_experts

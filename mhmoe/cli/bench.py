@@ -23,8 +23,13 @@ from mhmoe.errors import UserError
 from mhmoe.training.device import cpu_has_fast_bf16
 from mhmoe.training.presets import PRESETS, preset_names
 
-IMPLS = ("auto", "sorted", "grouped_mm", "naive", "intra-op")
+IMPLS = ("auto", "sorted", "grouped_mm", "scatter", "naive", "intra-op")
 MAX_SECONDS = 300.0  # of timed rounds per sampling loop: a 1-thread d=768 layer run gets about 15 rounds
+
+
+def default_impls(device: str) -> list[str]:
+    """--impls by default: sorted (every ratio's base) on CPU; on CUDA also auto's pick there and grouped_mm."""
+    return ["sorted"] if device != "cuda" else ["auto", "sorted", "grouped_mm"]
 
 
 def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -92,6 +97,8 @@ def _cli(args: argparse.Namespace) -> int:
             fast = args.device == "cuda" or cpu_has_fast_bf16()
             args.dtypes = "float32,bfloat16" if fast else "float32"
         args.dtypes = _split(args.dtypes, ("float32", "bfloat16"), "--dtypes")
+        if args.impls is None:
+            args.impls = ",".join(default_impls(args.device))
         args.impls = _split(args.impls, IMPLS, "--impls")
         if args.dim % 6:
             raise UserError(f"--dim: must be divisible by 2 and 3 (MH-MoE h=2 and h=3), got {args.dim}")
@@ -153,9 +160,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--dtypes", default=None,
                      help="float32 and/or bfloat16 (default: both where the CPU has native bf16, else float32)")
     lay.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
-    lay.add_argument("--impls", default="sorted",
-                     help="our implementations: auto (what dispatch='auto' resolves to on --device), sorted, "
-                          "grouped_mm, naive, intra-op (default sorted)")
+    lay.add_argument("--impls", default=None,
+                     help=f"our implementations: {', '.join(IMPLS)}; auto = what dispatch='auto' resolves to on "
+                          "--device (default: sorted on CPU; auto, sorted and grouped_mm on CUDA)")
     lay.add_argument("--no-hf", action="store_true", help="leave out transformers' Mixtral block")
     tr = what.add_parser("train", help="whole-model training steps per second of the preset's five variants")
     tr.add_argument("--preset", default="tiny", help=f"{preset_names()} sizes (default tiny)")

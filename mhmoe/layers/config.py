@@ -17,7 +17,7 @@ import torch
 from mhmoe.configbase import Config
 from mhmoe.errors import ConfigError
 
-Dispatch = Literal["auto", "sorted", "grouped_mm"]
+Dispatch = Literal["auto", "sorted", "grouped_mm", "scatter"]
 Renormalize = Literal["auto", "always", "never"]
 Scoring = Literal["softmax", "sigmoid"]
 Balancing = Literal["aux_loss", "bias", "both"]
@@ -63,12 +63,15 @@ class FFNConfig(Config):
         jitter: multiplicative input jitter eps for the router in training (0 = off).
         capacity_factor: 0 = dropless (default); > 0 drops assignments beyond
             ceil(capacity_factor * N * K / E) per expert, in training only.
-        dispatch: "auto" (default: grouped_mm on CUDA, sorted on CPU and wherever grouped_mm cannot run; chosen
-            per call for the input's device), "sorted" (sort by expert, one fused matmul loop over the contiguous
-            groups, CPU threads; one host sync) or "grouped_mm" (torch's grouped GEMM over the same sorted layout;
-            no host sync). See mhmoe/layers/experts.py.
+        dispatch: "auto" (default: scatter on CUDA when Triton imports, else grouped_mm on CUDA in bfloat16;
+            sorted on CPU and wherever neither can run; chosen per call for the input's device), "sorted" (sort
+            by expert, one fused matmul loop over the contiguous groups, CPU threads; one host sync),
+            "grouped_mm" (torch's grouped GEMM over the same sorted layout; no host sync) or "scatter" (Triton
+            grouped GEMMs that gather and scatter rows by index, SwiGLU fused; no host sync, no permuted copies;
+            needs Triton, any widths). See mhmoe/layers/experts.py.
         recompute: keep no [N*K, F] expert activations for the backward and recompute the experts' W1/W3
-            products there instead (less memory, 2/9 more expert matmul FLOPs in training; sorted dispatch).
+            products there instead (less memory, 2/9 more expert matmul FLOPs in training; sorted and scatter
+            dispatch).
         threading: how CPU threads share the experts (sorted dispatch; no effect on CUDA or at 1 thread):
             "intra-op" runs one expert after another, each matmul on all torch threads; "inter-expert" runs T
             ranges of experts at once, one thread each; "auto" = inter-expert when there are at least
@@ -131,6 +134,9 @@ class FFNConfig(Config):
                 f"FFNConfig.dispatch: grouped_mm needs dim/heads ({self.head_dim}) and hidden_dim ({self.hidden_dim}) "
                 "to be multiples of 8 (16-byte strides); use dispatch='sorted'"
             )
+        # dispatch="scatter" has no layout rule: its kernels mask every tile load, so any width and stride runs
+        # (tests/unit/test_scatter_experts.py: D/h = 12, F = 20). Whether Triton imports is a property of the
+        # machine, not of the config: checked where the layer runs (TritonUnavailableError, one line).
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
         if self.scoring == "sigmoid" and self.renormalize == "never":

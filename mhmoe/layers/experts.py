@@ -23,13 +23,25 @@ and moved to CUDA switches):
                 per-group fallback that reads the offsets on the host, and torch.compile's shape function accepts
                 bfloat16 only, so in other dtypes the grouped GEMMs run eagerly (one graph break). On CPU every
                 dtype runs (float32, bfloat16, float16), as a loop over the groups.
-  "auto"        (default) grouped_mm on CUDA in bfloat16 (autocast's dtype in training), sorted everywhere else:
-                on CPU the sorted path with its threads is the measured best (benchmarks/RESULTS.md) and keeps the
-                numbers of earlier runs bit for bit; on CUDA in float32/float16 torch's grouped GEMM would sync
-                anyway (above). auto also keeps sorted where grouped_mm's layout rule fails: rows must have strides
-                of a multiple of 16 bytes, so Din = D/h and F must be multiples of 8 in bfloat16.
+  "scatter"     `scatter_swiglu` (layers/scatter_experts.py, ScatterMoE-style Triton kernels): grouped GEMMs that
+                gather their input rows and scatter their output rows by index inside the kernel (no [S, Din]
+                gathered copy, no inverse permutation), SwiGLU fused in the first GEMM's epilogue and its backward
+                in the backward's; the combine in float32 (deterministic, no atomics). Static shapes, no host
+                sync; torch.library custom ops, so torch.compile traces it with fullgraph=True and new routings
+                reuse the graph. Capacity drops are not computed at all (their rows weigh 0). CUDA: the Triton
+                kernels (float32, bfloat16, float16); CPU: the same decomposition in plain torch. Needs Triton
+                (`import triton`); without it "scatter" raises one line naming the fix.
+  "auto"        (default) scatter on CUDA when Triton imports (every float dtype: the kernels take all three);
+                without Triton, grouped_mm on CUDA in bfloat16 (autocast's dtype in training); sorted everywhere
+                else: on CPU the sorted path with its threads is the measured best (benchmarks/RESULTS.md) and
+                keeps the numbers of earlier runs bit for bit; on CUDA in float32/float16 torch's grouped GEMM
+                would sync anyway (above). auto also keeps sorted where grouped_mm's layout rule fails: rows must
+                have strides of a multiple of 16 bytes, so Din = D/h and F must be multiples of 8 in bfloat16.
+The rows seam (`Experts._run_sorted`: rows already gathered in expert order, as expert parallelism hands them
+over) has no scatter form: `rows_dispatch` maps "scatter" and "auto" there to what auto picks without Triton.
 Subclasses choose their implementation per dispatch explicitly in `implementations` (BitNet's BitExperts: every
-dispatch through `gathered_experts`, i.e. gather, its own quantised `_run_sorted`, weighted index_add_ combine).
+dispatch through `gathered_experts`, i.e. gather, its own quantised `_run_sorted`, weighted index_add_ combine;
+they resolve with `rows_dispatch`, so never to scatter).
 
 Weights are stacked [E, ...]; paths that loop over experts under autograd split them with `unbind(0)` once per
 forward: indexing W[e] inside the loop would make autograd build a full-size zero gradient per expert.
@@ -48,27 +60,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhmoe.layers import scatter_experts
 from mhmoe.layers.router import expert_counts
+from mhmoe.layers.scatter_experts import scatter_swiglu
 from mhmoe.layers.sorted_experts import acc_dtype, compute_dtype, sorted_experts_combine, sorted_experts_rows
 from mhmoe.layers.threads import expert_workers
 
-Implementation = Literal["sorted", "grouped_mm"]  # what "auto" resolves to
+Implementation = Literal["sorted", "grouped_mm", "scatter"]  # what "auto" resolves to
+RowsImplementation = Literal["sorted", "grouped_mm"]  # the rows seam's (`rows_dispatch`)
+DISPATCHES = ("auto", "sorted", "grouped_mm", "scatter")
+SCATTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels take
 _grouped_mm = getattr(F, "grouped_mm", None)  # torch >= 2.8
 
 
 def resolve_dispatch(dispatch: str, device: torch.device, in_dim: int, hidden_dim: int,
                      dtype: torch.dtype) -> Implementation:
     """The implementation FFNConfig.dispatch means for experts of width in_dim -> hidden_dim whose matmuls run in
-    `dtype` on `device`: "sorted" and "grouped_mm" as given; "auto" = grouped_mm on CUDA in bfloat16 with 16-byte
-    row strides (in_dim and hidden_dim multiples of 8), else sorted (module docstring)."""
-    if dispatch in ("sorted", "grouped_mm"):
+    `dtype` on `device`: "sorted", "grouped_mm" and "scatter" as given; "auto" = scatter on CUDA when Triton
+    imports, else grouped_mm on CUDA in bfloat16 with 16-byte row strides (in_dim and hidden_dim multiples of 8),
+    else sorted (module docstring)."""
+    if dispatch in ("sorted", "grouped_mm", "scatter"):
         return dispatch
     if dispatch != "auto":
-        raise ValueError(f"FFNConfig.dispatch: {dispatch!r} is not one of 'auto', 'sorted', 'grouped_mm'")
+        raise ValueError(f"FFNConfig.dispatch: {dispatch!r} is not one of {', '.join(map(repr, DISPATCHES))}")
+    if device.type == "cuda" and scatter_experts.TRITON_AVAILABLE and dtype in SCATTER_DTYPES:
+        return "scatter"
+    return _auto_without_scatter(device, in_dim, hidden_dim, dtype)
+
+
+def _auto_without_scatter(device: torch.device, in_dim: int, hidden_dim: int,
+                          dtype: torch.dtype) -> RowsImplementation:
     if device.type != "cuda" or _grouped_mm is None or dtype != torch.bfloat16:
         return "sorted"
     aligned = (in_dim * dtype.itemsize) % 16 == 0 and (hidden_dim * dtype.itemsize) % 16 == 0  # row strides
     return "grouped_mm" if aligned else "sorted"
+
+
+def rows_dispatch(dispatch: str, device: torch.device, in_dim: int, hidden_dim: int,
+                  dtype: torch.dtype) -> RowsImplementation:
+    """`resolve_dispatch` for the rows seam (rows already gathered in expert order: `Experts._run_sorted`, expert
+    parallelism, BitNet's experts), which has no scatter form: "scatter" and "auto" resolve there as auto does
+    without Triton (grouped_mm on CUDA in bfloat16 with 16-byte rows, else sorted)."""
+    resolved = resolve_dispatch(dispatch, device, in_dim, hidden_dim, dtype)
+    return _auto_without_scatter(device, in_dim, hidden_dim, dtype) if resolved == "scatter" else resolved
 
 
 @dataclass
@@ -186,6 +220,13 @@ def grouped_mm_experts(ex: "Experts", x: torch.Tensor, a: Assignments, weights: 
     return y.to(dt)
 
 
+def scatter_experts_impl(ex: "Experts", x: torch.Tensor, a: Assignments, weights: torch.Tensor) -> torch.Tensor:
+    """dispatch="scatter": the permute-free fused experts (layers/scatter_experts.py); no host sync, static
+    shapes, torch.library custom ops (fullgraph under torch.compile)."""
+    return scatter_swiglu(x, weights, ex.w1, ex.w3, ex.w2, a.order, a.counts, a.kept_counts, a.dropless,
+                          ex.recompute)
+
+
 @torch.compiler.disable  # `_run_sorted` of subclasses may sync (group sizes on the host), as the fused path
 def gathered_experts(ex: "Experts", x: torch.Tensor, a: Assignments, weights: torch.Tensor) -> torch.Tensor:
     """Gather the kept rows in expert order, `ex._run_sorted` on them, weighted index_add_ combine, all under
@@ -203,14 +244,16 @@ def gathered_experts(ex: "Experts", x: torch.Tensor, a: Assignments, weights: to
 EXPERT_IMPLEMENTATIONS: dict[str, ExpertsImplementation] = {
     "sorted": fused_sorted_experts,
     "grouped_mm": grouped_mm_experts,
+    "scatter": scatter_experts_impl,
 }
 
 
 class Experts(nn.Module):
     """E SwiGLU experts Din -> F -> Din, weights stacked as w1, w3: [E, Din, F] and w2: [E, F, Din].
 
-    dispatch: "auto" | "sorted" | "grouped_mm" (module docstring), resolved per call by `resolve_dispatch`.
-    recompute: keep no [S, F] activation for the backward (recompute x W1, x W3 there); sorted only.
+    dispatch: "auto" | "sorted" | "grouped_mm" | "scatter" (module docstring), resolved per call by
+        `resolve_dispatch`.
+    recompute: keep no [S, F] activation for the backward (recompute x W1, x W3 there); sorted and scatter.
     threading: "auto" | "intra-op" | "inter-expert", how CPU threads share the expert loop; sorted only.
     implementations: resolved dispatch -> compute implementation; subclasses declare theirs.
     """
@@ -242,8 +285,8 @@ class Experts(nn.Module):
 
     def _run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Apply expert e to its contiguous rows of xs ([S', Din], grouped by expert, counts [E]) -> [S', Din],
-        unweighted: the rows seam of expert parallelism and of `gathered_experts`."""
-        if self.resolved_dispatch(xs) == "grouped_mm":
+        unweighted: the rows seam of expert parallelism and of `gathered_experts` (`rows_dispatch`)."""
+        if rows_dispatch(self.dispatch, xs.device, self.in_dim, self.hidden_dim, compute_dtype(xs)) == "grouped_mm":
             return grouped_swiglu(xs, self.w1, self.w3, self.w2, counts)
         sizes = counts.tolist()  # the one host sync of the layer
         workers = expert_workers(self.threading, xs.device, sizes)

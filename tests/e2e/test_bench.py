@@ -98,6 +98,22 @@ def test_bench_layers_json_contract(capsys):
     assert set(out["meta"]["gemm_gflops"]) == {"float32/fwd", "float32/fwd+bwd"}
 
 
+def test_bench_layers_scatter_impl_and_the_default_impls(capsys):
+    """--impls scatter: each MoE variant rebuilt with dispatch="scatter" (its torch twin on CPU), checked against the
+    sorted layer, timed. By default CUDA runs also time grouped_mm and auto's pick there (scatter with Triton)."""
+    from mhmoe.cli.bench import default_impls
+
+    assert default_impls("cpu") == ["sorted"]
+    assert default_impls("cuda") == ["auto", "sorted", "grouped_mm"]  # auto: scatter with Triton
+    argv = ["bench", "layers", "--json", "--tokens", "64", "--dim", "96", "--hidden-dim", "256", "--num-experts",
+            "4", "--rounds", "1", "--dtypes", "float32", "--modes", "fwd+bwd", "--impls", "sorted,scatter",
+            "--no-hf", "--no-memory", *FAST]
+    assert main(argv) == 0
+    recs = json.loads(capsys.readouterr().out)["records"]
+    assert {r["variant"] for r in recs if r["impl"] == "scatter"} == {"smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"}
+    assert all(r["ratio_to_sorted"] is not None for r in recs if r["impl"] == "scatter")
+
+
 def test_frac_of_gemm_pairs_each_round_with_the_gemm_of_that_round():
     from mhmoe.bench import paired_frac_of_gemm
 

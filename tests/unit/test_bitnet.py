@@ -287,6 +287,7 @@ def test_int8_matmul_fallback_beyond_float32_range(monkeypatch):
 @pytest.mark.parametrize("variant, kw", [(v, {}) for v in VARIANTS] + [
     ("mhmoe-h2", {"bitnet_router": True}), ("mhmoe-h2", {"merge_after_residual": True}),
     ("smoe", {"moe_ffn.dispatch": "grouped_mm"}),
+    ("mhmoe-h2", {"moe_ffn.dispatch": "scatter"}),  # BitExperts keep their own path (rows_dispatch)
 ])
 def test_integer_model_matches_fake_quant(variant, kw, tmp_path):
     cfg = _cfg(variant, **{k: v for k, v in kw.items() if "." not in k})

@@ -1,8 +1,8 @@
 """torch.compile of models with MoE layers: the sorted path's data-dependent loop stays eager, so new routings
 never recompile (a graph specialised on the expert group sizes would recompile at every step); the grouped_mm
-path (auto on CUDA) traces whole, without graph breaks. TrainConfig.compile: the mode per device and dispatch, the
-arguments of compile_model, the compiled training step against the eager one, and the step's CUDA-graph
-bookkeeping."""
+path (auto on CUDA without Triton) traces whole, without graph breaks; the scatter path (auto on CUDA with
+Triton): tests/unit/test_scatter_experts.py. TrainConfig.compile: the mode per device and dispatch, the arguments of
+compile_model, the compiled training step against the eager one, and the step's CUDA-graph bookkeeping."""
 
 import copy
 
@@ -43,8 +43,8 @@ def test_compiled_layer_does_not_recompile_for_new_routings(name):
 @pytest.mark.parametrize("precision", ["bf16-weights", "fp32-weights-bf16-autocast"])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
 def test_grouped_path_compiles_without_graph_breaks(name, precision):
-    """The path auto takes on CUDA (grouped_mm in bf16) traces whole: fullgraph=True raises at any graph break,
-    and new routings reuse the graph (no shape or value depends on the routing)."""
+    """The path auto takes on CUDA without Triton (grouped_mm in bf16) traces whole: fullgraph=True raises at any
+    graph break, and new routings reuse the graph (no shape or value depends on the routing)."""
     torch._dynamo.reset()
     layer = _make(VARIANTS[name].replace(dispatch="grouped_mm", capacity_factor=0.5)).train()
     dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
@@ -101,17 +101,24 @@ def test_compile_mode_per_device(compile, device, want):
     assert resolve_compile(_train_cfg("dense", "float32", compile=compile), device) == want
 
 
+@pytest.mark.parametrize("triton", [True, False])
 @pytest.mark.parametrize("moe, dtype, device, reason", [
     ("dense", "float32", "cuda", None),
     ("grouped_mm", "bfloat16", "cuda", None),
-    ("auto", "bfloat16", "cuda", None),  # auto = grouped_mm on CUDA in bf16
+    ("auto", "bfloat16", "cuda", None),  # auto = scatter on CUDA, or grouped_mm in bf16 without Triton
     ("grouped_mm", "bfloat16", "cpu", None),  # traces whole on CPU as well (the tests below)
-    ("auto", "float32", "cuda", "dispatch='auto' runs the 'sorted' experts"),
+    ("scatter", "float32", "cuda", None),
+    ("auto", "float32", "cuda", "dispatch='auto' runs the 'sorted' experts"),  # without Triton only
     ("auto", "bfloat16", "cpu", "dispatch='auto' runs the 'sorted' experts"),
     ("sorted", "bfloat16", "cuda", "dispatch='sorted' runs the 'sorted' experts"),
     ("grouped_mm", "float32", "cuda", "'grouped_mm' is sync-free in bfloat16 only"),
 ])
-def test_sync_free_step_per_dispatch(moe, dtype, device, reason):
+def test_sync_free_step_per_dispatch(moe, dtype, device, reason, triton, monkeypatch):
+    from mhmoe.layers import scatter_experts
+
+    monkeypatch.setattr(scatter_experts, "TRITON_AVAILABLE", triton)
+    if triton and (moe, device) == ("auto", "cuda"):
+        reason = None  # auto = scatter, sync-free in every dtype
     got = sync_break(_train_cfg(moe, dtype), device)
     assert got is None if reason is None else reason in got
     assert sync_break(_train_cfg("dense", dtype, bitnet=True), device) is None  # BitNet's dense model traces whole

@@ -1,5 +1,6 @@
 """The experts' two seams: the dispatcher (sorting, capacity) and the implementation registry keyed by dispatch;
-"auto" per device; the path auto takes on CUDA (grouped_mm) has no host sync, checked on CPU."""
+"auto" per device; the paths auto takes on CUDA (scatter; grouped_mm without Triton) have no host sync, checked on
+CPU."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhmoe.layers.experts as experts_mod
 from mhmoe import FFNConfig
+from mhmoe.layers import scatter_experts
 from mhmoe.bitnet.modules import BitExperts
 from mhmoe.layers.experts import (
     EXPERT_IMPLEMENTATIONS,
@@ -23,10 +25,19 @@ from mhmoe.layers.experts import (
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed to resolve for it
 
 
-def test_auto_resolves_per_device():
+def test_auto_resolves_per_device(monkeypatch):
     bf16, fp32 = torch.bfloat16, torch.float32
     assert resolve_dispatch("auto", CPU, 384, 768, bf16) == "sorted"  # measured best on CPU, numbers unchanged
     assert resolve_dispatch("auto", CPU, 384, 768, fp32) == "sorted"
+    assert scatter_experts.TRITON_AVAILABLE  # the test environment has Triton (requirements.txt)
+    assert resolve_dispatch("auto", CUDA, 384, 768, bf16) == "scatter"
+    assert resolve_dispatch("auto", CUDA, 12, 20, fp32) == "scatter"
+    for explicit in ("sorted", "grouped_mm", "scatter"):  # existing configs keep their choice on every device
+        assert resolve_dispatch(explicit, CPU, 384, 768, fp32) == explicit
+        assert resolve_dispatch(explicit, CUDA, 12, 20, fp32) == explicit
+    # Without Triton, what auto picked before scatter existed.
+    monkeypatch.setattr(scatter_experts, "TRITON_AVAILABLE", False)
+    assert resolve_dispatch("auto", CPU, 384, 768, bf16) == "sorted"
     assert resolve_dispatch("auto", CUDA, 384, 768, bf16) == "grouped_mm"  # autocast training on a GPU
     assert resolve_dispatch("auto", torch.device("cuda", 1), 256, 512, bf16) == "grouped_mm"
     assert resolve_dispatch("auto", CUDA, 384, 768, fp32) == "sorted"  # torch's grouped GEMM would sync there
@@ -41,15 +52,16 @@ def test_auto_resolves_per_device():
 
 
 def test_registry_is_keyed_by_dispatch_and_subclasses_declare_theirs():
-    assert set(EXPERT_IMPLEMENTATIONS) == {"sorted", "grouped_mm"}
+    assert set(EXPERT_IMPLEMENTATIONS) == {"sorted", "grouped_mm", "scatter"}
     assert Experts.implementations is EXPERT_IMPLEMENTATIONS
     assert dict(BitExperts.implementations) == {"sorted": gathered_experts, "grouped_mm": gathered_experts}
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_the_choice_is_made_at_forward_time_for_the_inputs_device(device, monkeypatch):
-    """A model built on CPU and moved to CUDA runs grouped_mm there: the resolution sees the input's device at
-    every call (the device is faked by handing resolve_dispatch `cuda`; the tensors stay on CPU)."""
+    """A model built on CPU and moved to CUDA runs scatter there: the resolution sees the input's device at every
+    call (the device is faked by handing resolve_dispatch `cuda`; the tensors stay on CPU, where scatter runs
+    its torch twin)."""
     layer = _make(VARIANTS["mhmoe-h2"]).to(torch.bfloat16)
     assert layer.experts.dispatch == "auto"
     real = experts_mod.resolve_dispatch
@@ -62,7 +74,7 @@ def test_the_choice_is_made_at_forward_time_for_the_inputs_device(device, monkey
                             lambda *args, impl=impl, name=name: ran.append(name) or impl(*args))
     x = torch.randn(2, 5, D, dtype=torch.bfloat16)
     y, _ = layer(x)
-    assert ran == ["sorted" if device == "cpu" else "grouped_mm"]
+    assert ran == ["sorted" if device == "cpu" else "scatter"]
     assert_close_scaled(y, reference_forward(layer, x), 2e-2, "output")
 
 
@@ -113,17 +125,20 @@ def _train_step(layer, x, params=None):
     return y
 
 
+@pytest.mark.parametrize("dispatch, op", [("grouped_mm", "aten._grouped_mm"),
+                                          ("scatter", "mhmoe.scatter_experts_fwd")])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
-def test_the_cuda_path_has_no_host_sync(name, capacity_factor):
-    """What auto runs on CUDA (grouped_mm, bf16 autocast), forward and backward with the router and the aux
-    losses, run on CPU (1) under a dispatch mode that fails on every syncing op, (2) on fake tensors, which have
-    no data: any .item(), .tolist(), .cpu() read or data-dependent shape raises."""
-    cfg = VARIANTS[name].replace(dispatch="grouped_mm", capacity_factor=capacity_factor)
+def test_the_cuda_path_has_no_host_sync(name, capacity_factor, dispatch, op):
+    """What auto runs on CUDA (scatter, or grouped_mm without Triton; bf16 autocast), forward and backward with
+    the router and the aux losses, run on CPU (1) under a dispatch mode that fails on every syncing op, (2) on
+    fake tensors, which have no data: any .item(), .tolist(), .cpu() read or data-dependent shape raises.
+    scatter's custom ops are one op each here (their CUDA kernels' launchers: test_scatter_experts.py)."""
+    cfg = VARIANTS[name].replace(dispatch=dispatch, capacity_factor=capacity_factor)
     layer = _make(cfg).train()
     with _FailOnSync() as mode:
         _train_step(layer, torch.randn(2, 6, D, requires_grad=True))
-    assert "aten._grouped_mm" in mode.ops
+    assert op in mode.ops
     with FakeTensorMode():
         x = torch.randn(2, 6, D, requires_grad=True)
         params = {n: torch.empty(p.shape, requires_grad=True) for n, p in layer.named_parameters()}

@@ -15,7 +15,8 @@ from mhmoe.layers.sorted_experts import DoubleBackwardError
 
 @pytest.mark.parametrize(
     "name, dispatch",
-    [(n, d) for n in VARIANTS for d in ("auto", "sorted", "grouped_mm") if not (n == "dense" and d != "auto")],
+    [(n, d) for n in VARIANTS for d in ("auto", "sorted", "grouped_mm", "scatter")
+     if not (n == "dense" and d != "auto")],
 )
 def test_fast_path_equals_reference_fp32(name, dispatch):
     cfg = VARIANTS[name]
@@ -39,7 +40,7 @@ def test_fast_path_equals_reference_fp32(name, dispatch):
         assert_close_scaled(a, b, 1e-5, f"grad {n}")
 
 
-@pytest.mark.parametrize("dispatch", ["auto", "sorted", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", ["auto", "sorted", "grouped_mm", "scatter"])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
 def test_fast_path_equals_reference_bf16(name, dispatch):
     cfg = VARIANTS[name].replace(dispatch=dispatch)
@@ -100,7 +101,8 @@ def test_aux_statistics_and_no_global_state():
     assert dense_aux.loss.item() == 0 and dense_aux.lb_loss.item() == 0 and dense_aux.tokens_per_expert.numel() == 0
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm"])  # compacted rows; rows kept with weight 0
+# compacted rows; rows kept with weight 0; dropped rows not computed
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm", "scatter"])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h2", "mhmoe-h3-shared"])
 def test_capacity_dropping_matches_reference_in_training(name, dispatch):
     cfg = VARIANTS[name].replace(capacity_factor=0.5, dispatch=dispatch)
@@ -143,7 +145,7 @@ def test_paper_configs_build_with_expected_shapes():
 
 
 @pytest.mark.parametrize("name, dispatch", [
-    (n, d) for n in ("smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3-shared") for d in ("sorted", "grouped_mm")
+    (n, d) for n in ("smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3-shared") for d in ("sorted", "grouped_mm", "scatter")
     if (n, d) != ("fine-grained", "grouped_mm")  # hidden_dim 20: not grouped_mm's 16-byte rows
 ])
 def test_bf16_autocast_with_fp32_weights_matches_the_fp32_routing_reference(name, dispatch, two_threads):
@@ -168,7 +170,7 @@ def test_bf16_autocast_with_fp32_weights_matches_the_fp32_routing_reference(name
         assert_close_scaled(a, b, 3e-2, f"grad {n}")
 
 
-@pytest.mark.parametrize("dispatch", ["auto", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", ["auto", "grouped_mm", "scatter"])
 @pytest.mark.parametrize("name", ["smoe", "mhmoe-h3-shared"])
 def test_an_empty_batch_gives_zero_aux_losses(name, dispatch, two_threads):
     layer = _make(VARIANTS[name].replace(dispatch=dispatch, threading="inter-expert", capacity_factor=0.5)).train()
