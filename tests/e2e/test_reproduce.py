@@ -324,7 +324,7 @@ def test_milestone_columns_are_named_by_position_for_odd_step_counts(tmp_path, m
     """175 steps put the mid milestone at step 87 (49.7%): it is still the "50%" column the verdicts read."""
     from types import SimpleNamespace
 
-    runs = [r for r in R.plan("cpu", [1], 1) if r.row.variant == "smoe"]
+    runs = [r for r in R.plan("cpu", [1], 1, ["steps=175"]) if r.row.variant == "smoe"]
     assert runs[0].cfg.steps == 175 and runs[0].cfg.milestones == (87, 175)
     seen = []
     monkeypatch.setattr(R, "train", lambda cfg, run_dir, *a, **k: SimpleNamespace(wall_s=0.0, step=cfg.steps))
