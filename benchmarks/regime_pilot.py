@@ -178,7 +178,8 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per candidate: the paired differences (mean and 95% interval, per seed as dots) against training tokens."""
+    """Per candidate and comparison: the mean eval loss of both models (top) and their paired difference (mean,
+    95% interval, each seed as a dot; bottom), against training tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,10 +187,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     pts = [r for r in rows if "comparison" in r]
     panels = sorted({(r["candidate"], r["comparison"]) for r in pts})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
-    for ax, (cand, comp) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 7.0), squeeze=False, sharex="col")
+    for col, (cand, comp) in enumerate(panels):
         rs = sorted((r for r in pts if (r["candidate"], r["comparison"]) == (cand, comp)), key=lambda r: r["step"])
         x = [r["tokens"] / 1e6 for r in rs]
+        top, ax = axes[0][col], axes[1][col]
+        for i, v in enumerate(rs[0]["loss"]):
+            top.plot(x, [r["loss"][v] for r in rs], "o-", ms=3, color=f"C{i}", label=f"{v} (mean of seeds)")
+        top.set_title(f"{cand}: mean eval loss of 3 domains")
+        top.set_ylabel("nats")
+        top.grid(alpha=0.3)
+        top.legend(fontsize=7)
         ax.plot(x, [r["mean"] for r in rs], "o-", color="C0", label="mean of seeds")
         lo = [r["ci95"][0] for r in rs]
         hi = [r["ci95"][1] for r in rs]
@@ -198,7 +206,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for i in range(len(rs[0]["diffs"])):
             ax.plot(x, [r["diffs"][i] for r in rs], ".", color=f"C{i + 1}", ms=5, label=f"seed {i}")
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_title(f"{cand}: {comp}")
+        ax.set_title(f"{cand}: {comp}, seed-paired")
         ax.set_xlabel("training tokens (M)")
         ax.set_ylabel("Δ mean eval loss (nats)")
         ax.grid(alpha=0.3)
