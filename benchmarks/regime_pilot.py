@@ -1,4 +1,4 @@
-"""The recipe study behind the `cpu` and `gpu1` presets: which training recipe puts the models in a regime where
+"""The recipe study behind the `cpu` and `gpu-9min` presets: which training recipe puts the models in a regime where
 SMoE beats the dense model of equal FLOPs (the paper's first effect), before any MH-MoE claim is read?
 
 Each candidate is a recipe (model size, vocabulary, steps x tokens per step, learning rate, warm-up) built from

@@ -198,8 +198,9 @@ def gpu(variant: str) -> TrainConfig:
 
 def gpu_9min(variant: str, *, dim: int = 384, n_layers: int = 12, n_heads: int = 6, hidden_dim: int = 1024,
              preset_name: str = "gpu-9min") -> TrainConfig:
-    """Table 1 x 3 seeds in 9 minutes on one H100/H200 (`mhmoe reproduce --preset gpu-9min --tables 1 --seeds 3`),
-    in a regime where SMoE beats dense (docs/REPRODUCTION.md, the recipe study): the `gpu` model (d=384, 12
+    """Table 1 x 3 seeds in 9 minutes on one H100/H200 (`mhmoe reproduce --preset gpu-9min --tables 1 --seeds 3`;
+    estimated, not yet timed), aimed at a regime where SMoE beats dense (docs/REPRODUCTION.md, the recipe study;
+    its CPU pilot at reduced width has not shown that yet): the `gpu` model (d=384, 12
     layers, SMoE 8 x 1024 top-1) with a trained 8192-token BPE instead of GPT-2's 50k (the LM head falls from 43%
     to 12% of the FLOPs), 600 steps of 64 x 256 tokens (9.8M tokens, about one pass over the training mix), lr
     1.5e-3 with 10% warm-up. Its data travels as a token pack of about 20 MiB (`mhmoe data pack --preset
@@ -242,8 +243,8 @@ def preset_names() -> str:
 
 def describe_preset(name: str) -> tuple[str, str]:
     """(scale, tokens) of preset `name` as the README's presets table states them, computed from the preset:
-    ("d=144, 4 layers, SMoE 8 x 384 top-1 (MH h=2: 40 x 144, h=3: 96 x 96), 4096-token BPE, 175 steps x 4,096
-    tokens", "0.72M")."""
+    ("d=144, 4 layers, SMoE 8 x 384 top-1 (MH h=2: 40 x 144, h=3: 96 x 96), 4096-token BPE, 1,600 steps x
+    4,096 tokens", "6.55M")."""
     cfg = preset(name, "smoe")
     m, ffn = cfg.model, cfg.model.moe_ffn
     mh = [preset(name, f"mhmoe-h{h}").model.moe_ffn for h in (2, 3)]
