@@ -200,7 +200,8 @@ def gpu_9min(variant: str, *, dim: int = 384, n_layers: int = 12, n_heads: int =
              preset_name: str = "gpu-9min") -> TrainConfig:
     """Table 1 x 3 seeds in 9 minutes on one H100/H200 (`mhmoe reproduce --preset gpu-9min --tables 1 --seeds 3`;
     estimated, not yet timed), aimed at a regime where SMoE beats dense (docs/REPRODUCTION.md, the recipe study;
-    its CPU pilot at reduced width has not shown that yet): the `gpu` model (d=384, 12
+    its CPU pilot at reduced width does not reach it, so its claims may read "not interpretable"): the `gpu`
+    model (d=384, 12
     layers, SMoE 8 x 1024 top-1) with a trained 8192-token BPE instead of GPT-2's 50k (the LM head falls from 43%
     to 12% of the FLOPs), 600 steps of 64 x 256 tokens (9.8M tokens, about one pass over the training mix), lr
     1.5e-3 with 10% warm-up. Its data travels as a token pack of about 20 MiB (`mhmoe data pack --preset
