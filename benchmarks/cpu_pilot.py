@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from mhmoe.paper_tables import Row
-from mhmoe.reproduce import PlannedRun, execute
+from mhmoe.reproduction.paper_tables import Row
+from mhmoe.reproduction.reproduce import PlannedRun, execute
 from mhmoe.training.presets import cpu_scale
-from mhmoe.verdicts import paired_interval
+from mhmoe.reproduction.verdicts import paired_interval
 
 CANDIDATES = {  # name: (cpu_scale keywords, steps); B gets the steps A's wall time buys (0.7x A's tokens/s)
     "A-d96": (dict(dim=96, n_layers=4, n_heads=4, hidden_dim=256), 250),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mhmoe.bench.mfu import run_throughput
 from mhmoe.data.pack import is_pack
-from mhmoe.reproduce import execute, plan
+from mhmoe.reproduction.reproduce import execute, plan
 from mhmoe.training.presets import PAPER_VARIANTS
 
 SEEDS = 3

@@ -30,12 +30,12 @@ from typing import Callable
 
 import torch
 
-from mhmoe.paper_tables import Row
-from mhmoe.report import SPIKE_FACTOR
-from mhmoe.reproduce import SEED_BASE, PlannedRun, execute
+from mhmoe.reproduction.paper_tables import Row
+from mhmoe.reproduction.report import SPIKE_FACTOR
+from mhmoe.reproduction.reproduce import SEED_BASE, PlannedRun, execute
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.presets import cpu_scale, gpu_9min
-from mhmoe.verdicts import paired_interval
+from mhmoe.reproduction.verdicts import paired_interval
 
 DOMAINS = ("redpajama", "wikipedia", "c4")
 

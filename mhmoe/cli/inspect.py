@@ -1,4 +1,4 @@
-"""`mhmoe inspect`: a run's routing health from its metrics.jsonl (computation in mhmoe.routing_report).
+"""`mhmoe inspect`: a run's routing health from its metrics.jsonl (computation in mhmoe.reproduction.routing_report).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from mhmoe.errors import UserError
-from mhmoe.routing_report import (
+from mhmoe.reproduction.routing_report import (
     COLLAPSE_PERSIST,
     COLLAPSE_SHARE,
     format_inspect,

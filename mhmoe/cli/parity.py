@@ -7,7 +7,7 @@ import json
 
 from mhmoe.complexity import SMOE_PRESETS, solve_parity
 from mhmoe.errors import UserError
-from mhmoe.parity_report import format_parity
+from mhmoe.reproduction.parity_report import format_parity
 
 
 def _parity(args: argparse.Namespace) -> int:

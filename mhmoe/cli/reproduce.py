@@ -11,9 +11,9 @@ from pathlib import Path
 
 from mhmoe.data.corpora import resolve_data_root
 from mhmoe.errors import UserError
-from mhmoe.paper_tables import TABLES
-from mhmoe.report import report
-from mhmoe.reproduce import execute, plan
+from mhmoe.reproduction.paper_tables import TABLES
+from mhmoe.reproduction.report import report
+from mhmoe.reproduction.reproduce import execute, plan
 from mhmoe.training.presets import preset_names
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,13 +7,13 @@ import statistics
 import pytest
 from conftest import shared_data_root
 
-from mhmoe import report
-from mhmoe import reproduce as R
-from mhmoe import verdicts as V
+from mhmoe.reproduction import report
+from mhmoe.reproduction import reproduce as R
+from mhmoe.reproduction import verdicts as V
 from mhmoe.cli import main
 from mhmoe.cli import reproduce as CR
 from mhmoe.errors import ConfigError
-from mhmoe.paper_tables import DOMAINS, TABLES, Row
+from mhmoe.reproduction.paper_tables import DOMAINS, TABLES, Row
 
 ROOT = shared_data_root()
 

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from conftest import shared_data_root
 from safetensors.torch import load_file
 
-from mhmoe import reproduce as R
-from mhmoe import routing_report as RR
+from mhmoe.reproduction import reproduce as R
+from mhmoe.reproduction import routing_report as RR
 from mhmoe.cli import main
 from mhmoe.errors import UserError
 from mhmoe.layers.balancing import moe_routers, update_router_biases

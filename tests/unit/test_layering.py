@@ -17,12 +17,12 @@ RANKS = {
     "mhmoe.layers": 1,
     "mhmoe.bitnet": 2, "mhmoe.bitnet.quant": 2, "mhmoe.bitnet.modules": 2,
     "mhmoe.model": 3,
-    "mhmoe.complexity": 4, "mhmoe.parity_report": 4, "mhmoe.bitnet.integer": 4, "mhmoe.bitnet.ternary": 4,
+    "mhmoe.complexity": 4, "mhmoe.bitnet.integer": 4, "mhmoe.bitnet.ternary": 4,
     "mhmoe.data": 5,
     "mhmoe.distributed": 6,
     "mhmoe.training": 7,
-    "mhmoe.export": 8, "mhmoe.hf": 8, "mhmoe.generate": 8, "mhmoe.reproduce": 8, "mhmoe.report": 8,
-    "mhmoe.verdicts": 8, "mhmoe.paper_tables": 8, "mhmoe.bench": 8, "mhmoe.routing_report": 8,
+    "mhmoe.export": 8, "mhmoe.hf": 8, "mhmoe.generate": 8, "mhmoe.bench": 8,
+    "mhmoe.reproduction": 8,  # the paper's reproduction: matrix, verdicts, report
     "mhmoe.cli": 9,
 }
 

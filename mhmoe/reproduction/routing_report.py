@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mhmoe.errors import UserError
-from mhmoe.verdicts import COLUMNS, paired, summarise
+from mhmoe.reproduction.verdicts import COLUMNS, paired, summarise
 
 COLLAPSE_SHARE = 0.5  # one expert takes at least this share of the (sub-)tokens ...
 COLLAPSE_PERSIST = 10  # ... at this many consecutive recorded steps
@@ -239,7 +239,7 @@ def activation_pairs(variants: set[str]) -> list[tuple[str, str]]:
 
 def activation_claim(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The v1 claim on seed-paired expert activation: per column, per (MH-MoE, SMoE) pair, the mean of
-    activation(MH-MoE) - activation(SMoE) over the paired seeds with its 95% Student-t interval (mhmoe.verdicts),
+    activation(MH-MoE) - activation(SMoE) over the paired seeds with its 95% Student-t interval (mhmoe.reproduction.verdicts),
     "holds" when the interval lies above 0.
 
     runs: {run_id: {"variant" (with "-bitnet" for BitNet twins), "seed", "routing": run_routing(...)}}.
@@ -261,7 +261,7 @@ def activation_claim(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 seeds = sorted({s for (k, s) in by if k == a} & {s for (k, s) in by if k == b})
                 if not seeds:
                     continue
-                # Negated so that, as for every claim in mhmoe.verdicts, a negative difference means "holds".
+                # Negated so that, as for every claim in mhmoe.reproduction.verdicts, a negative difference means "holds".
                 c = paired({s: by[(b, s)] - by[(a, s)] for s in seeds}, mh + suffix, smoe + suffix, col)
                 comps.append(c)
                 shown.append({"mh": mh + suffix, "smoe": smoe + suffix, "column": col, "n_seeds": c.n_seeds,
@@ -306,7 +306,7 @@ def routing_section(runs: dict[str, dict[str, Any]], claim: dict[str, Any] | Non
         lines += ["No MH-MoE run with its FLOPs-equal SMoE and recorded expert activation: not measured.", ""]
         return lines
     lines += ["Δ = activation(MH-MoE) - activation(SMoE), seed-paired, with the 95% Student-t interval of "
-              "mhmoe.verdicts (n-1 degrees of freedom); holds when the interval lies above 0.", "",
+              "mhmoe.reproduction.verdicts (n-1 degrees of freedom); holds when the interval lies above 0.", "",
               "| MH-MoE | SMoE (equal FLOPs) | column | Δ activation [95% CI] | n | verdict |",
               "|---|---|---|---|---:|---|"]
     for col, cv in claim["columns"].items():
@@ -324,7 +324,7 @@ def routing_section(runs: dict[str, dict[str, Any]], claim: dict[str, Any] | Non
 def plot_load_heatmap(recs: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Load per expert over training (tokens / mean tokens per expert), one panel per MoE layer, to `path`
     (PNG); None when the records carry no tokens_per_expert."""
-    # matplotlib only here, as in mhmoe.report.plots: `mhmoe` imports this module at start-up (inspect), and
+    # matplotlib only here, as in mhmoe.reproduction.report.plots: `mhmoe` imports this module at start-up (inspect), and
     # the backend must be chosen before pyplot loads.
     import matplotlib
 

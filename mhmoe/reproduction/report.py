@@ -1,9 +1,9 @@
 """The report of a reproduction matrix: results.json, tables.md and plots/.
 
 results.json holds one record per (run, milestone, domain), the verdicts with every comparison's paired
-`mean_diff_nats`, `ci95` and `n_seeds` (mhmoe.verdicts), per run its training health: router entropy as a
+`mean_diff_nats`, `ci95` and `n_seeds` (mhmoe.reproduction.verdicts), per run its training health: router entropy as a
 fraction of ln E over training and grad-norm spikes, and its routing at the milestones with the v1 expert-activation
-claim (mhmoe.routing_report). tables.md prints the paper's tables with ours beside them, the FLOPs of every row,
+claim (mhmoe.reproduction.routing_report). tables.md prints the paper's tables with ours beside them, the FLOPs of every row,
 each claim's paired intervals, where a router stayed near uniform, and the routing section. Models passed to
 `--models` that are no row of the tables (e.g. smoe-alf) are compared with SMoE in "Every model against SMoE".
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 from mhmoe.complexity import model_flops_per_token, model_param_count
 from mhmoe.fileio import atomic_write_text
-from mhmoe.paper_tables import DOMAIN_TITLES, DOMAINS, PAPER, TABLES, Row, run_id
-from mhmoe.routing_report import activation_claim, plot_load_heatmap, read_metrics, routing_section, run_routing
-from mhmoe.verdicts import (COLUMNS, NOT_INTERPRETABLE, Comparison, apply_sanity, label_claim, paper_ppl,
+from mhmoe.reproduction.paper_tables import DOMAIN_TITLES, DOMAINS, PAPER, TABLES, Row, run_id
+from mhmoe.reproduction.routing_report import activation_claim, plot_load_heatmap, read_metrics, routing_section, run_routing
+from mhmoe.reproduction.verdicts import (COLUMNS, NOT_INTERPRETABLE, Comparison, apply_sanity, label_claim, paper_ppl,
                             sanity_check, verdicts, versus_smoe)
 
 SPIKE_FACTOR = 5.0  # a step whose grad norm exceeds this multiple of the run's median counts as a spike
@@ -136,7 +136,7 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
     per row, paired claims.
 
     extra: rows of models outside the tables (`--models smoe-alf`), compared with SMoE with the others.
-    sanity: `mhmoe.verdicts.sanity_check`'s result (None: not computed, no section)."""
+    sanity: `mhmoe.reproduction.verdicts.sanity_check`'s result (None: not computed, no section)."""
     lines = [f"# MH-MoE reproduction, preset `{preset}`", "",
              "Validation perplexity (lower is better), mean ± std over seeds; **bold** = best of our rows in that "
              "column. `(paper)` = the published number (12 layers, d=768, 100k steps of 0.5M tokens). Columns "

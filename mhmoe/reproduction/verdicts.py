@@ -29,7 +29,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mhmoe.paper_tables import DOMAINS, PAPER, TABLES, Row
+from mhmoe.reproduction.paper_tables import DOMAINS, PAPER, TABLES, Row
 
 COLUMNS = ("50%", "100%")
 NOT_TESTED = "not tested (1 seed)"

@@ -1,6 +1,6 @@
 """The paper's Tables 1-5: their rows (which model each row is), captions and published numbers.
 
-Shared by the matrix (`mhmoe.reproduce`), the paired verdicts (`mhmoe.verdicts`) and the report (`mhmoe.report`).
+Shared by the matrix (`mhmoe.reproduction.reproduce`), the paired verdicts (`mhmoe.reproduction.verdicts`) and the report (`mhmoe.reproduction.report`).
 """
 
 from __future__ import annotations

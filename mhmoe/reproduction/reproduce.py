@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from mhmoe.errors import ConfigError, UserError
 from mhmoe.fileio import atomic_write_text
-from mhmoe.paper_tables import TABLES, Row, run_id
+from mhmoe.reproduction.paper_tables import TABLES, Row, run_id
 from mhmoe.training.checkpoint import RunBusy, latest_good_checkpoint, run_lock
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.evaluate import evaluate_run
