@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mhmoe.layers.config import FFNConfig
+from mhmoe.layers.router import XMOE_DIM
 from mhmoe.model import ModelConfig
 
 
@@ -44,13 +45,21 @@ def param_count(cfg: FFNConfig) -> Breakdown:
     if cfg.kind == "dense":
         return Breakdown(dense=3 * cfg.dim * cfg.hidden_dim)
     d, dh = cfg.dim, cfg.head_dim
+    proj = d * d + (d if cfg.head_merge_bias else 0)
     return Breakdown(
-        head=d * d if cfg.head_layer else 0,
-        router=dh * cfg.num_experts,
+        head=proj if cfg.head_layer else 0,
+        router=router_params(cfg),
         experts=cfg.num_experts * 3 * dh * cfg.hidden_dim,
         shared=3 * d * cfg.shared_hidden_dim,
-        merge=d * d if cfg.merge_layer else 0,
+        merge=proj if cfg.merge_layer else 0,
     )
+
+
+def router_params(cfg: FFNConfig) -> int:
+    """The gate's parameters: E x D/h, or for X-MoE the reduction D/h x 16 and the expert embeddings E x 16."""
+    if cfg.scoring == "xmoe":
+        return XMOE_DIM * (cfg.head_dim + cfg.num_experts)
+    return cfg.head_dim * cfg.num_experts
 
 
 def active_param_count(cfg: FFNConfig) -> int:
@@ -70,7 +79,7 @@ def flops_per_token(cfg: FFNConfig) -> Breakdown:
     # h sub-tokens of D/h each: router h * (D/h) * E = D * E; experts h * K * 3 * (D/h) * F = 3 * D * F * K.
     return Breakdown(
         head=2 * d * d if cfg.head_layer else 0,
-        router=2 * d * cfg.num_experts,
+        router=2 * cfg.heads * router_params(cfg),  # per sub-token one pass through the gate's matrices
         experts=2 * 3 * d * cfg.hidden_dim * cfg.top_k,
         shared=2 * 3 * d * cfg.shared_hidden_dim,
         merge=2 * d * d if cfg.merge_layer else 0,

@@ -241,7 +241,8 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
         aux_loss = router_logits = None
         if output_router_logits and routing:
             token_mask = attention_mask[:, -T:] if padded else None
-            lb, z = _router_losses(routing, token_mask, net.cfg.moe_ffn.heads, net.cfg.moe_ffn.num_experts)
+            lb, z = _router_losses(routing, token_mask, net.cfg.moe_ffn.heads, net.cfg.moe_ffn.num_experts,
+                                   net.cfg.moe_ffn.balance_choices)
             aux_loss = lb
             router_logits = tuple(r.logits for r in routing)
             if loss is not None:
@@ -266,13 +267,13 @@ class _CacheAdapter:
 
 
 def _router_losses(routing: list[Routing], token_mask: torch.Tensor | None, heads: int,
-                   num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_experts: int, choices: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over layers of the load-balancing loss, sum of z-losses), over real tokens only when token_mask [B, T]
     is given (each token's h sub-tokens count); equal to the native per-layer losses without padding."""
     lb = z = torch.zeros((), device=routing[0].logits.device)
     for r in routing:
         w = None if token_mask is None else token_mask.reshape(-1).repeat_interleave(heads)  # [N] sub-token weights
-        lb = lb + load_balancing_loss(r.probs, r.indices, num_experts, w)
+        lb = lb + load_balancing_loss(r.probs, r.indices, num_experts, w, choices)
         z = z + z_loss(r.logits, w)
     return lb, z
 

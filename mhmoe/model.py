@@ -29,6 +29,7 @@ from mhmoe.layers.build import build_ffn
 from mhmoe.layers.config import FFNConfig, MoEAux
 from mhmoe.layers.loss import linear_cross_entropy
 from mhmoe.layers.norm import RMSNorm
+from mhmoe.layers.router import XMOE_DIM, XMOE_INIT_GAIN
 from mhmoe.layers.sorted_experts import compute_dtype
 from mhmoe.profiling import ATTENTION, BLOCK, HEAD_MERGE, label
 
@@ -52,11 +53,21 @@ class ModelConfig(Config):
     # How the D x D head and merge projections start (docs/REPRODUCTION.md, "What changed"): "fan_in" = N(0, 1/D),
     # norm-preserving (the variance of the authors' Xavier init for a square matrix), the merge not residual-
     # scaled since the experts' W2 already is; "init_std" = N(0, init_std) with the merge residual-scaled as well,
-    # the behaviour before the fairness fix, which starts MH-MoE's block output ~1e4 weaker than SMoE's.
-    head_merge_init: Literal["fan_in", "init_std"] = "fan_in"
+    # the behaviour before the fairness fix, which starts MH-MoE's block output ~1e4 weaker than SMoE's;
+    # "xavier" = the authors' code: Xavier-uniform, gain 1/sqrt(2) for the head and 1 for the merge, the head's
+    # bias (FFNConfig.head_merge_bias) nn.Linear's default U(+-1/sqrt(D)), the merge's 0. Biases start at 0 under
+    # the other two.
+    head_merge_init: Literal["fan_in", "init_std", "xavier"] = "fan_in"
+    # How the routed experts and the router's gate start: "normal" = N(0, init_std), the experts' W2 residual-
+    # scaled by 1/sqrt(2 n_layers) (GPT-2); "kaiming_uniform" = torch's nn.Linear default U(+-1/sqrt(fan_in)) for
+    # W1, W3, W2 and the gate, as the authors' experts (`ffn_init_method`) and their gate (a default nn.Linear).
+    moe_init: Literal["normal", "kaiming_uniform"] = "normal"
     merge_after_residual: bool = False
     bitnet: bool = False  # BitNet b1.58 twin (Table 3): ternary weights, 8-bit activations; see mhmoe.bitnet
     bitnet_router: bool = False  # with bitnet, quantise the MoE routers too (ablation; full precision otherwise)
+    # with bitnet, quantise MH-MoE's head and merge projections (ours); False keeps them full precision, as the
+    # authors' plain nn.Linear head and merge in their BitNet runs
+    bitnet_head_merge: bool = True
 
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "moe_every"):
@@ -75,6 +86,12 @@ class ModelConfig(Config):
             raise ConfigError("ModelConfig.merge_after_residual: needs moe_ffn.merge_layer=true")
         if self.bitnet_router and not self.bitnet:
             raise ConfigError("ModelConfig.bitnet_router: only applies with bitnet=true (set model.bitnet=true first)")
+        if self.bitnet_router and self.moe_ffn.kind == "moe" and self.moe_ffn.scoring == "xmoe":
+            raise ConfigError("ModelConfig.bitnet_router: no BitNet form of the X-MoE gate; set bitnet_router=false "
+                              "or moe_ffn.scoring='softmax'")
+        if self.bitnet and self.bitnet_head_merge and self.moe_ffn.kind == "moe" and self.moe_ffn.head_merge_bias:
+            raise ConfigError("ModelConfig.bitnet_head_merge: b1.58 layers have no bias, and moe_ffn.head_merge_bias "
+                              "is set; set bitnet_head_merge=false (full-precision head and merge, as the authors)")
 
     def is_moe_block(self, i: int) -> bool:
         """Blocks moe_every-1, 2*moe_every-1, ... (0-based) carry the MoE FFN: every second layer by default."""
@@ -82,6 +99,12 @@ class ModelConfig(Config):
 
     def ffn_config(self, i: int) -> FFNConfig:
         return self.moe_ffn if self.is_moe_block(i) else self.dense_ffn
+
+
+def _uniform(shape: torch.Size, bound: float, gen: torch.Generator) -> torch.Tensor:
+    """U(-bound, bound) float32 on the CPU from `gen` (as nn.init's uniform inits, with the parameter's own
+    generator)."""
+    return torch.rand(shape, generator=gen, dtype=torch.float32, device="cpu").mul_(2 * bound).sub_(bound)
 
 
 # The 16-bit dtypes whose RoPE tables are cached (Transformer.rope); any other dtype rotates in float32.
@@ -144,7 +167,7 @@ class Transformer(nn.Module):
         self.init_rope()
         self.reset_parameters(init_seed)
         if cfg.bitnet:  # swap in the BitNet modules around the initialised weights: same init as the fp model
-            convert(self, router=cfg.bitnet_router)
+            convert(self, router=cfg.bitnet_router, head_merge=cfg.bitnet_head_merge)
 
     @torch.no_grad()
     def init_rope(self) -> None:
@@ -173,7 +196,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         """GPT-2 init: N(0, init_std), norms 1, projections into the residual stream (attention out, every
-        SwiGLU W2, the experts' W2) N(0, init_std / sqrt(2 n_layers)); head and merge per `head_merge_init`.
+        SwiGLU W2, the experts' W2) N(0, init_std / sqrt(2 n_layers)); head and merge per `head_merge_init`,
+        experts and gate per `moe_init`; an X-MoE gate's expert embeddings orthogonal with gain 0.32.
 
         Every parameter draws from its own generator, seeded by (seed, parameter name): two variants built with
         the same seed start with identical embeddings, attention and dense FFNs, whatever their MoE blocks hold,
@@ -193,13 +217,35 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
+            fan_in = p.shape[1] if p.dim() > 1 else cfg.dim
+            if name.endswith((".head.weight", ".merge.weight")) and cfg.head_merge_init == "xavier":
+                gain = 1 / math.sqrt(2) if name.endswith(".head.weight") else 1.0  # theirs, tutel_moe_layer
+                p.copy_(_uniform(p.shape, gain * math.sqrt(6 / (p.shape[0] + p.shape[1])), gen))
+                continue
+            if name.endswith(".head.bias") and cfg.head_merge_init == "xavier":
+                p.copy_(_uniform(p.shape, 1 / math.sqrt(cfg.dim), gen))  # nn.Linear's default bias: not re-set
+                continue
+            if name.endswith((".head.bias", ".merge.bias")):
+                p.zero_()
+                continue
+            if name.endswith(".router.weight") and p.shape[1] == XMOE_DIM and self._xmoe(name):
+                p.copy_(torch.nn.init.orthogonal_(torch.empty(p.shape), XMOE_INIT_GAIN, generator=gen))
+                continue
+            if cfg.moe_init == "kaiming_uniform" and name.endswith(
+                    ("experts.w1", "experts.w3", "experts.w2", ".router.weight", ".router.reduction")):
+                p.copy_(_uniform(p.shape, 1 / math.sqrt(fan_in), gen))  # kaiming_uniform_(a=sqrt(5))
+                continue
             if name.endswith((".head.weight", ".merge.weight")) and cfg.head_merge_init == "fan_in":
-                p_std = 1.0 / math.sqrt(p.shape[1])  # eq. (2)/(4): x W_head keeps |x| (E|xW|^2 = |x|^2)
+                p_std = 1.0 / math.sqrt(fan_in)  # eq. (2)/(4): x W_head keeps |x| (E|xW|^2 = |x|^2)
             elif name.endswith(("attn.out.weight", ".w2.weight", "experts.w2", "merge.weight")):
                 p_std = resid_std  # once per residual branch: for MH-MoE that is the experts' W2, not the merge
             else:
                 p_std = std
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu").mul_(p_std))
+
+    def _xmoe(self, name: str) -> bool:
+        """Whether parameter `name` belongs to an X-MoE gate."""
+        return getattr(self.get_submodule(name.rsplit(".", 1)[0]), "reduction", None) is not None
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,

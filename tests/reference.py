@@ -42,7 +42,7 @@ def reference_forward(layer: torch.nn.Module, x: torch.Tensor, capacity: int | N
             with torch.autocast(x.device.type, enabled=False):
                 probs = (sub.float() @ layer.router.weight.float().t()).softmax(-1)
                 w, idx = probs.topk(cfg.top_k)
-                if cfg.renormalizes:  # top_k > 1 under 'auto', as the authors' top-k gate
+                if cfg.renormalizes:  # renormalize 'always', or 'auto' at top_k > 1
                     w = w / w.sum()
             subs.append(sub)
             routes.append((w, [int(i) for i in idx]))
@@ -64,3 +64,55 @@ def reference_forward(layer: torch.nn.Module, x: torch.Tensor, capacity: int | N
         s = layer.shared
         y = y + _swiglu(tokens, s.w1.weight.t(), s.w3.weight.t(), s.w2.weight.t())
     return y.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The authors' MoE layer, from their formulas (yushuiwx/MH-MoE, torchscale's xmoe/tutel_routing.py `topkgating`
+# and `gshard_loss`, xmoe/tutel_moe_layer.py): written as their code computes, one sub-token at a time.
+
+
+def authors_capacity(num_subtokens: int, num_experts: int, top_k: int) -> int:
+    """`topkgating`: capacity = top_k * ceil(num_tokens / num_experts), num_tokens the routed (sub-)tokens."""
+    return top_k * -(-num_subtokens // num_experts)
+
+
+def authors_reference_forward(layer: MoELayer, x: torch.Tensor, drop: bool) -> torch.Tensor:
+    """y for x [B, T, D] as the authors' layer computes it: x' = x W_head^T + b_head; sub-tokens; softmax gate, its
+    top-k probabilities as weights, not renormalised; with `drop`, slots given by choice rank then token
+    (locations: cumsum of the k-th choice's one-hot, offset by the earlier choices' totals) and assignments at or
+    beyond the capacity left out; concatenate; y = y' W_merge^T + b_merge."""
+    cfg, ex = layer.cfg, layer.experts
+    tokens = x.reshape(-1, cfg.dim)
+    h = tokens @ layer.head.weight.t() + layer.head.bias if layer.head is not None else tokens
+    subs = [h[t, j * cfg.head_dim:(j + 1) * cfg.head_dim] for t in range(tokens.shape[0]) for j in range(cfg.heads)]
+    gates = torch.stack([(s.float() @ layer.router.weight.float().t()).softmax(-1) for s in subs])  # [S, E]
+    top = gates.topk(cfg.top_k, dim=1).indices  # [S, K]
+    S, E = gates.shape
+    capacity = authors_capacity(S, E, cfg.top_k)
+    filled = [0] * E  # slots taken so far: every first choice in token order, then every second choice, ...
+    keep = torch.ones(S, cfg.top_k, dtype=torch.bool)
+    for k in range(cfg.top_k):
+        for n in range(S):
+            e = int(top[n, k])
+            keep[n, k] = filled[e] < capacity or not drop
+            filled[e] += 1
+    outs = []
+    for n, sub in enumerate(subs):
+        acc = torch.zeros_like(sub)
+        for k in range(cfg.top_k):
+            e = int(top[n, k])
+            if keep[n, k]:
+                acc = acc + gates[n, e] * _swiglu(sub, ex.w1[e], ex.w3[e], ex.w2[e])
+        outs.append(acc)
+    y = torch.stack(outs).reshape(tokens.shape[0], cfg.dim)
+    if layer.merge is not None:
+        y = y @ layer.merge.weight.t() + layer.merge.bias
+    return y.reshape(x.shape)
+
+
+def gshard_loss_reference(gates: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """The authors' `gshard_loss(scores, top_ids)`, line for line: mask = one_hot(top_ids[:, 0]) * E / N,
+    me = sum_n gates, ce = sum_n mask, l_aux = sum(me * ce) / N."""
+    n, e = gates.shape
+    mask = torch.zeros(n, e, dtype=gates.dtype).scatter_(1, top_ids[:, :1], e / n)
+    return (gates.sum(0) * mask.sum(0)).sum() / n

@@ -167,11 +167,11 @@ class BitExperts(Experts):
         return out
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                capacity: int | None = None):  # noqa: ANN201 - (y, DispatchStats) as Experts.forward
+                capacity: int | None = None, priority: str = "token"):  # noqa: ANN201 - as Experts.forward
         if self.in_norm is not None:
             with torch.autocast(x.device.type, enabled=False):
                 x = F.rms_norm(x.float(), (self.in_dim,), self.in_norm.weight.float(), self.eps)
-        return super().forward(x, indices, weights, capacity)
+        return super().forward(x, indices, weights, capacity, priority)
 
     def resolved_dispatch(self, x: torch.Tensor) -> RowsImplementation:
         """As `Experts.resolved_dispatch`, for the dtype the quantised levels are multiplied in; through the rows
@@ -242,12 +242,13 @@ class BitRouter(TopKRouter):
 # Conversion
 
 
-def convert(model: nn.Module, router: bool = False, eps: float | None = None) -> nn.Module:
+def convert(model: nn.Module, router: bool = False, eps: float | None = None, head_merge: bool = True) -> nn.Module:
     """Swap, in place, every projection of `model` (a Transformer, Block, MoELayer, SwiGLU, ...) for BitNet modules.
 
     The weight Parameters are kept (same objects, same values), sub-norm gains start at 1 and nothing draws from
     the RNG, so a converted model equals the full-precision one at init. `router` also quantises MoE routers;
-    `eps` is the sub-norms' epsilon (default: the model's norm_eps, else 1e-5). Idempotent. Returns `model`.
+    `eps` is the sub-norms' epsilon (default: the model's norm_eps, else 1e-5). `head_merge=False` keeps MH-MoE's
+    head and merge in full precision (the authors' BitNet runs). Idempotent. Returns `model`.
     """
     if eps is None:
         eps = getattr(getattr(model, "cfg", None), "norm_eps", 1e-5)
@@ -262,16 +263,17 @@ def convert(model: nn.Module, router: bool = False, eps: float | None = None) ->
                 if not isinstance(getattr(mod, name), BitLinear):
                     setattr(mod, name, BitLinear.from_linear(getattr(mod, name), sub_norm=name == "w2", eps=eps))
         elif isinstance(mod, MoELayer):
-            if mod.head is not None and not isinstance(mod.head, BitLinear):
+            if head_merge and mod.head is not None and not isinstance(mod.head, BitLinear):
                 mod.head = BitLinear.from_linear(mod.head, eps=eps)
-            if mod.merge is not None and not isinstance(mod.merge, BitLinear):
+            if head_merge and mod.merge is not None and not isinstance(mod.merge, BitLinear):
                 mod.merge = BitLinear.from_linear(mod.merge, sub_norm=True, eps=eps)
             if not isinstance(mod.experts, BitExperts):
                 mod.experts = BitExperts.from_experts(mod.experts, in_norm=mod.head is not None, eps=eps)
             if router and not isinstance(mod.router, BitRouter):
                 mod.router = BitRouter.from_router(mod.router)
     # A projection added to the model later must be classified here, not silently left in full precision.
-    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    kept = ("lm_head",) if head_merge else ("lm_head", ".head", ".merge")  # full precision on purpose
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(kept)]
     if left:
         raise NotImplementedError(f"mhmoe.bitnet.modules.convert: no BitNet rule for nn.Linear {left[0]!r}")
     return model

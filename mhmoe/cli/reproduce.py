@@ -14,7 +14,7 @@ from mhmoe.errors import UserError
 from mhmoe.reproduction.paper_tables import TABLES
 from mhmoe.reproduction.report import report
 from mhmoe.reproduction.reproduce import execute, plan
-from mhmoe.training.presets import preset_names
+from mhmoe.training.presets import PROFILES, preset_names
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
@@ -54,6 +54,7 @@ def _start_workers(args: argparse.Namespace, out: Path, overrides: list[str]) ->
             "--seeds", str(args.seeds), "--out", str(out), "--workers", str(args.workers), "--worker", "--no-progress"]
     if args.models:
         argv += ["--models", args.models]
+    argv += ["--profile", args.profile]
     for kv in overrides:
         argv += ["--set", kv]
     for flag, value in (("--data-root", args.data_root), ("--cache-dir", args.cache_dir)):
@@ -79,10 +80,11 @@ def _cli(args: argparse.Namespace) -> int:
         # One process per core beats one process over all cores for these small models (measured; README).
         overrides.append(f"threads={max(1, _available_cores() // args.workers)}")
     models = parse_models(args.models, tables)
-    runs = plan(args.preset, tables, args.seeds, overrides, models)
+    runs = plan(args.preset, tables, args.seeds, overrides, models, args.profile)
     if not args.dry_run:
         resolve_data_root(args.data_root, args.preset)  # a preset too large for the embedded sample: say so now
-    print(f"mhmoe reproduce: preset {args.preset}, tables {','.join(map(str, tables))}, {args.seeds} seed(s): "
+    print(f"mhmoe reproduce: preset {args.preset}, tables {','.join(map(str, tables))}, {args.seeds} seed(s), "
+          f"profile {args.profile}: "
           f"{len(runs)} runs in {out}" + (f", {args.workers} worker processes" if args.workers > 1 else ""),
           flush=True)
     if args.dry_run:
@@ -108,7 +110,7 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"worker {k} exited with {workers[k - 2].returncode}; its log: {out / f'worker-{k}.log'}", flush=True)
     if args.worker:
         return 0
-    md = report(results, out, tables, args.preset)
+    md = report(results, out, tables, args.preset, args.profile)
     print(md)
     print(f"wrote {out / 'tables.md'}, {out / 'results.json'} and {out / 'plots'}/")
     return 0
@@ -124,6 +126,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated variants: train only these rows of the tables (e.g. smoe,mhmoe-h3); "
                         "variants outside the tables (e.g. smoe-alf, mhmoe-h3-sigmoid) are added and compared "
                         "with SMoE")
+    p.add_argument("--profile", default="mhmoe", choices=PROFILES,
+                   help="MoE settings of the tables' MoE rows: mhmoe (ours, default) or authors (the -authors "
+                        "variants: the authors' released code); the dense row is shared")
     p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field in every run")
     p.add_argument("--data-root", default=None,

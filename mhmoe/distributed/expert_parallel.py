@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mhmoe.errors import ConfigError
-from mhmoe.layers.experts import DispatchStats, Experts, drop_over_capacity
+from mhmoe.layers.experts import DispatchStats, Experts, assignment_order, drop_over_capacity
 from mhmoe.layers.moe import MoELayer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,13 +94,15 @@ class ExpertParallelExperts(Experts):
 
     @torch.compiler.disable  # data-dependent splits, as Experts.forward
     def forward(
-        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, capacity: int | None = None
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, capacity: int | None = None,
+        priority: str = "token",
     ) -> tuple[torch.Tensor, DispatchStats]:
         """x: [N, Din], indices/weights: [N, K] (this rank's routing) -> y: [N, Din], as Experts.forward."""
         N, K = indices.shape
         E, El, P = self.num_experts, self.local_experts, self.ep_size
         flat = indices.reshape(-1)  # [S]
-        order = torch.argsort(flat, stable=True)  # [S] grouped by expert, hence by owner rank
+        # [S] grouped by expert, hence by owner rank; within an expert in the order its slots are filled
+        order = assignment_order(indices, priority if capacity is not None else "token")
         counts = torch.bincount(flat, minlength=E)  # [E]
         stats = DispatchStats(tokens_per_expert=counts, dropped=0)
         if capacity is not None:  # the same per-rank drop as Experts.forward, before anything is sent

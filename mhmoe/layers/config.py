@@ -19,9 +19,11 @@ from mhmoe.errors import ConfigError
 
 Dispatch = Literal["auto", "sorted", "grouped_mm", "scatter"]
 Renormalize = Literal["auto", "always", "never"]
-Scoring = Literal["softmax", "sigmoid"]
+Scoring = Literal["softmax", "sigmoid", "xmoe"]
 Balancing = Literal["aux_loss", "bias", "both"]
 Threading = Literal["auto", "intra-op", "inter-expert"]
+CapacityRule = Literal["token_order", "choice_order"]
+BalanceChoices = Literal["all", "first"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,11 @@ class FFNConfig(Config):
         merge_layer: apply the D x D merge projection W_merge after concatenating, eq. (4).
         shared_hidden_dim: hidden width of an always-on shared expert on the full token; 0 = none.
         renormalize: whether the top-k softmax weights are renormalised to sum to 1. "auto" (default) does so
-            when top_k > 1 and keeps the raw softmax probability at top_k = 1, as the authors' runs do (their
-            script passes --moe-normalize-gate-prob-before-dropping to fairseq's top-k gate; the paper's text is
-            silent). "always" also renormalises top-1 (weight 1, as Mixtral); "never" keeps raw probabilities
-            for every k. Booleans from older configs load as True -> "always", False -> "never".
+            when top_k > 1 and keeps the raw softmax probability at top_k = 1; "always" also renormalises top-1
+            (weight 1, as Mixtral); "never" keeps the raw probabilities for every k, as the authors' released code
+            does (their top-k gate is built without its normalise flag, so its default, off, applies; README,
+            "Our defaults and the authors'"). The paper's text is silent. Booleans from older configs load as
+            True -> "always", False -> "never".
             With scoring="sigmoid" the same rule decides whether the top-k sigmoid scores are divided by their
             sum (DeepSeek-V3: weights = s_topk / sum s_topk): "auto" normalises at top_k > 1 and keeps the raw
             score s at top_k = 1 (a normalised single score is 1 and the router would learn nothing from the LM
@@ -50,7 +53,10 @@ class FFNConfig(Config):
         scoring: how router logits become scores. "softmax" (the paper): p = softmax(logits) over the E experts.
             "sigmoid" (DeepSeek-V3): s_e = sigmoid(logit_e), one independent score per expert; the distribution
             reported and used by the load-balancing loss (its P_e term) and the router entropy is then the
-            normalised scores s / sum_e s.
+            normalised scores s / sum_e s. "xmoe" (X-MoE, Chi et al. 2022, as the authors' `--use-xmoe` gate): the
+            sub-token is projected to 16 dims, and the logits are its dot products with the expert embeddings
+            [E, 16] divided by their norms (the embeddings are rescaled to norm 1.5 in place before every
+            training forward, as theirs); then softmax as "softmax". Beyond the paper; not in `-authors`.
         balancing: how the load is balanced. "aux_loss" (the paper): lb_coef * the Switch/GShard loss is added to
             the training loss. "bias" (aux-loss-free, DeepSeek-V3): a per-expert bias b (a buffer, not a
             parameter, kept in checkpoints) is added to the scores for the top-k *selection only* (the combine
@@ -58,11 +64,22 @@ class FFNConfig(Config):
             b_e += bias_rate * sign(mean load - load_e) (mhmoe.layers.balancing); the lb loss is still computed
             and reported but not added. "both": the bias and the aux loss.
         bias_rate: the bias update step (DeepSeek-V3's gamma); only with balancing "bias" or "both".
+        balance_choices: which choices the load-balancing loss counts in f_e: "all" (default) the N*K
+            assignments; "first" each (sub-)token's first choice only, E * sum_e mean(p_e) * f_e(first), as the
+            authors' `gshard_loss`. Identical at top_k = 1.
         lb_coef: coefficient of the Switch/GShard load-balancing loss.
         z_coef: coefficient of the router z-loss (0 = off).
         jitter: multiplicative input jitter eps for the router in training (0 = off).
-        capacity_factor: 0 = dropless (default); > 0 drops assignments beyond
-            ceil(capacity_factor * N * K / E) per expert, in training only.
+        capacity_factor: 0 = dropless (default); > 0 drops the assignments beyond each expert's capacity (slots
+            per `capacity_rule`), in training only unless `capacity_in_eval`. A dropped assignment adds nothing
+            to its token's output; the other weights are not renormalised.
+        capacity_rule: how the slots are counted and filled, for S = N routed (sub-)tokens of one forward call.
+            "token_order" (default): ceil(capacity_factor * N * K / E) slots, filled in token order (a token's
+            k choices side by side). "choice_order": K * ceil(capacity_factor * N / E) slots, filled with every
+            token's first choice, then every token's second choice, ... (GShard; the authors' `topkgating`).
+        capacity_in_eval: drop beyond capacity in evaluation too (the authors' runs: their eval capacity fraction
+            -1 selects the training formula). Outputs then depend on which tokens share the forward call.
+        head_merge_bias: the head and merge projections carry a bias (the authors' nn.Linear(D, D, bias=True)).
         dispatch: "auto" (default: scatter on CUDA when Triton imports, else grouped_mm on CUDA in bfloat16;
             sorted on CPU and wherever neither can run; chosen per call for the input's device), "sorted" (sort
             by expert, one fused matmul loop over the contiguous groups, CPU threads; one host sync),
@@ -87,14 +104,18 @@ class FFNConfig(Config):
     head_layer: bool = False
     merge_layer: bool = False
     shared_hidden_dim: int = 0
+    head_merge_bias: bool = False
     renormalize: Renormalize = "auto"
     scoring: Scoring = "softmax"
     balancing: Balancing = "aux_loss"
     bias_rate: float = 1e-3
+    balance_choices: BalanceChoices = "all"
     lb_coef: float = 0.01
     z_coef: float = 0.0
     jitter: float = 0.0
     capacity_factor: float = 0.0
+    capacity_rule: CapacityRule = "token_order"
+    capacity_in_eval: bool = False
     dispatch: Dispatch = "auto"
     recompute: bool = False
     threading: Threading = "auto"
@@ -111,6 +132,9 @@ class FFNConfig(Config):
                 "heads": (self.heads, 1), "head_layer": (self.head_layer, False),
                 "merge_layer": (self.merge_layer, False), "shared_hidden_dim": (self.shared_hidden_dim, 0),
                 "scoring": (self.scoring, "softmax"), "balancing": (self.balancing, "aux_loss"),
+                "head_merge_bias": (self.head_merge_bias, False), "balance_choices": (self.balance_choices, "all"),
+                "capacity_rule": (self.capacity_rule, "token_order"),
+                "capacity_in_eval": (self.capacity_in_eval, False),
             }
             for name, (value, default) in moe_only.items():
                 if value != default:
@@ -137,6 +161,10 @@ class FFNConfig(Config):
         # dispatch="scatter" has no layout rule: its kernels mask every tile load, so any width and stride runs
         # (tests/unit/test_scatter_experts.py: D/h = 12, F = 20). Whether Triton imports is a property of the
         # machine, not of the config: checked where the layer runs (TritonUnavailableError, one line).
+        if self.head_merge_bias and not (self.head_layer or self.merge_layer):
+            raise ConfigError("FFNConfig.head_merge_bias: needs head_layer or merge_layer; set one, or leave it False")
+        if self.capacity_in_eval and self.capacity_factor == 0:
+            raise ConfigError("FFNConfig.capacity_in_eval: drops need a capacity; set capacity_factor > 0 (e.g. 1.0)")
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"FFNConfig.jitter: must be in [0, 1), got {self.jitter}")
         if self.scoring == "sigmoid" and self.renormalize == "never":

@@ -111,9 +111,25 @@ class DispatchStats:
     dropped: torch.Tensor | int  # assignments dropped by the capacity limit: 0-d long on the device (or an int)
 
 
-def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots per expert when dropping: ceil(capacity_factor * N*K / E)."""
+def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float, top_k: int = 1,
+                    rule: str = "token_order") -> int:
+    """Slots per expert when dropping, for N*K = num_assignments: "token_order" ceil(capacity_factor * N*K / E);
+    "choice_order" K * ceil(capacity_factor * N / E) (GShard, the authors' `topkgating`; more slots when K does
+    not divide into the rounding)."""
+    if rule == "choice_order":
+        return max(1, top_k * math.ceil(capacity_factor * (num_assignments // top_k) / num_experts))
     return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
+
+
+def assignment_order(indices: torch.Tensor, priority: str = "token") -> torch.Tensor:
+    """[S] the assignment ids n*K + k of indices [N, K] grouped by expert; within an expert, in the order its
+    slots are filled when dropping: "token" (token by token, a token's choices side by side) or "choice" (every
+    token's first choice, then every second choice, ...: GShard's priority)."""
+    if priority == "token":
+        return torch.argsort(indices.reshape(-1), stable=True)  # [S]
+    N, K = indices.shape
+    ids = torch.arange(N * K, device=indices.device).view(N, K).t().reshape(-1)  # [S] ids in choice-major order
+    return ids.index_select(0, torch.argsort(indices.t().reshape(-1), stable=True))  # [S]
 
 
 def drop_over_capacity(expert_of_row: torch.Tensor, counts: torch.Tensor,
@@ -146,10 +162,13 @@ class Assignments:
         return self.order if self.dropless else self.order[self.keep]
 
 
-def sort_assignments(indices: torch.Tensor, num_experts: int, capacity: int | None = None) -> Assignments:
-    """Token dispatcher: indices [N, K] -> `Assignments`; capacity = slots per expert, None = dropless."""
+def sort_assignments(indices: torch.Tensor, num_experts: int, capacity: int | None = None,
+                     priority: str = "token") -> Assignments:
+    """Token dispatcher: indices [N, K] -> `Assignments`; capacity = slots per expert, None = dropless; priority:
+    which assignments keep the slots ("token" | "choice", `assignment_order`)."""
     flat = indices.reshape(-1)  # [S]
-    order = torch.argsort(flat, stable=True)  # [S] assignment ids grouped by expert
+    # Dropless, the order within an expert changes nothing: the cheaper token order then.
+    order = assignment_order(indices, priority if capacity is not None else "token")  # [S] grouped by expert
     counts = expert_counts(flat, num_experts)  # [E]
     if capacity is None:
         keep = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
@@ -276,10 +295,12 @@ class Experts(nn.Module):
         return resolve_dispatch(self.dispatch, x.device, self.in_dim, self.hidden_dim, compute_dtype(x))
 
     def forward(
-        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, capacity: int | None = None
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, capacity: int | None = None,
+        priority: str = "token",
     ) -> tuple[torch.Tensor, DispatchStats]:
-        """x: [N, Din], indices/weights: [N, K] -> y: [N, Din] = sum_k weights[:, k] * Expert_{indices[:, k]}(x)."""
-        a = sort_assignments(indices, self.num_experts, capacity)
+        """x: [N, Din], indices/weights: [N, K] -> y: [N, Din] = sum_k weights[:, k] * Expert_{indices[:, k]}(x),
+        the assignments beyond `capacity` slots per expert left out (filled in `priority` order)."""
+        a = sort_assignments(indices, self.num_experts, capacity, priority)
         y = self.implementations[self.resolved_dispatch(x)](self, x, a, weights)
         return y, DispatchStats(tokens_per_expert=a.counts, dropped=a.dropped)
 

@@ -35,12 +35,12 @@ class MoELayer(nn.Module):
         if cfg.kind != "moe":
             raise ValueError(f"FFNConfig.kind: MoELayer needs kind='moe', got {cfg.kind!r}")
         self.cfg = cfg
-        self.head = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.head_layer else None
+        self.head = nn.Linear(cfg.dim, cfg.dim, bias=cfg.head_merge_bias) if cfg.head_layer else None
         self.router = TopKRouter(cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.renormalizes, cfg.jitter,
                                  cfg.scoring, cfg.uses_bias, cfg.bias_rate)
         self.experts = Experts(cfg.num_experts, cfg.head_dim, cfg.hidden_dim, cfg.dispatch, cfg.recompute,
                                cfg.threading)
-        self.merge = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.merge_layer else None
+        self.merge = nn.Linear(cfg.dim, cfg.dim, bias=cfg.head_merge_bias) if cfg.merge_layer else None
         self.shared = SwiGLU(cfg.dim, cfg.shared_hidden_dim) if cfg.shared_hidden_dim > 0 else None
 
     def forward(self, x: torch.Tensor, apply_merge: bool = True) -> tuple[torch.Tensor, MoEAux]:
@@ -57,10 +57,13 @@ class MoELayer(nn.Module):
         with label(ROUTER):
             routing = self.router(sub)
         capacity = None
-        if self.training and cfg.capacity_factor > 0:  # evaluation never drops: outputs stay batch-independent
-            capacity = expert_capacity(routing.indices.numel(), cfg.num_experts, cfg.capacity_factor)
+        # Evaluation drops only with capacity_in_eval: otherwise its outputs stay independent of the batch.
+        if cfg.capacity_factor > 0 and (self.training or cfg.capacity_in_eval):
+            capacity = expert_capacity(routing.indices.numel(), cfg.num_experts, cfg.capacity_factor, cfg.top_k,
+                                       cfg.capacity_rule)
+        priority = "choice" if cfg.capacity_rule == "choice_order" else "token"
         with label(EXPERTS):
-            y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity)  # eq. (3), [N, D/H]
+            y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity, priority)  # eq. (3), [N, D/H]
         with label(HEAD_MERGE):
             y = rearrange(y_sub, "(n h) d -> n (h d)", h=cfg.heads)  # [BT, D]
             if self.merge is not None and apply_merge:
@@ -80,11 +83,11 @@ def moe_aux(cfg: FFNConfig, routing: Routing, tokens_per_expert: torch.Tensor, d
             sequences: int) -> MoEAux:
     """The MoEAux of one layer call: losses per `cfg.balancing`, routing statistics of `routing` ([N, K] rows in
     [B, T, h] order, `sequences` = B); device tensors only."""
-    lb = load_balancing_loss(routing.probs, routing.indices, cfg.num_experts)
+    lb = load_balancing_loss(routing.probs, routing.indices, cfg.num_experts, choices=cfg.balance_choices)
     z = z_loss(routing.logits)
     # Under balancing="bias" the lb loss is only reported: the aux loss holds just the z-loss.
     loss = cfg.lb_coef * lb + cfg.z_coef * z if cfg.uses_aux_loss else cfg.z_coef * z
-    entropy = router_entropy(routing.logits) if cfg.scoring == "softmax" else probs_entropy(routing.probs)
+    entropy = router_entropy(routing.logits) if cfg.scoring != "sigmoid" else probs_entropy(routing.probs)
     return MoEAux(
         loss=loss,
         lb_loss=lb if cfg.uses_aux_loss else lb.detach(),

@@ -6,12 +6,13 @@ when `renormalize` is set (FFNConfig.renormalizes resolves it per top_k). MH-MoE
 one router. Beyond the paper (FFNConfig.scoring / balancing, docs/ROUTING.md):
     scoring="softmax"   p = softmax(logits)                          (the paper; probs = p)
     scoring="sigmoid"   s = sigmoid(logits), probs = s / sum_e s     (DeepSeek-V3)
+    scoring="xmoe"      logits = (x W_red) . g_e / |g_e|, W_red [Din, 16], then softmax   (X-MoE)
     expert_bias b       top-k chosen on s + b, weights gathered from s (aux-loss-free balancing, DeepSeek-V3);
                         b moves after each optimizer step (`update_bias`, mhmoe.layers.balancing)
 The routing math lives in `route(logits)`; subclasses (BitNet's BitRouter, IntBitRouter) only compute their
 logits differently (`project`).
 
-Shape legend: N (sub-)tokens, Din router input width (D/h), E experts, K top-k.
+Shape legend: N (sub-)tokens, Din router input width (D/h), E experts, K top-k, R = 16 X-MoE routing dim.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ class Routing:
     logits: torch.Tensor  # [N, E] float32
 
 
+# X-MoE (Chi et al. 2022, arXiv 2204.09179) as the authors' TopkGate(use_xmoe=True) computes it: a 16-dim
+# reduction, expert embeddings orthogonal at init with gain 0.32 and rescaled to norm 1.5 before each forward.
+XMOE_DIM, XMOE_NORM, XMOE_INIT_GAIN = 16, 1.5, 0.32
+
+
 class TopKRouter(nn.Module):
     """Linear gate Din -> E, scoring, top-k; the matmul runs in float32 whatever the activation dtype.
 
-    scoring: "softmax" | "sigmoid". bias: carry the aux-loss-free selection bias `expert_bias` [E] (a persistent
+    scoring: "softmax" | "sigmoid" | "xmoe" (then `reduction` [R, Din] and `weight` [E, R], the expert
+    embeddings; the logits are cosines scaled by |x W_red|, as the authors' `_cosine`). bias: carry the aux-loss-free selection bias `expert_bias` [E] (a persistent
     float32 buffer: in state dicts and checkpoints, never seen by the optimizer), moved by `update_bias` with
     step `bias_rate`. Without it `expert_bias` is None and the state dict is the paper router's.
     """
@@ -46,12 +53,25 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize, self.jitter = num_experts, top_k, renormalize, jitter
         self.scoring, self.bias_rate = scoring, bias_rate
-        self.weight = nn.Parameter(torch.empty(num_experts, in_dim))
-        nn.init.normal_(self.weight, std=0.02)
+        if scoring == "xmoe":
+            self.reduction = nn.Parameter(torch.empty(XMOE_DIM, in_dim))  # [R, Din]
+            nn.init.normal_(self.reduction, std=0.02)
+            self.weight = nn.Parameter(torch.empty(num_experts, XMOE_DIM))  # [E, R]
+            nn.init.orthogonal_(self.weight, gain=XMOE_INIT_GAIN)
+        else:
+            self.reduction = None
+            self.weight = nn.Parameter(torch.empty(num_experts, in_dim))  # [E, Din]
+            nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("expert_bias", torch.zeros(num_experts) if bias else None, persistent=True)
 
     def project(self, x32: torch.Tensor) -> torch.Tensor:
         """The gate: float32 x [N, Din] -> logits [N, E]; BitNet's routers override this alone."""
+        if self.reduction is not None:  # X-MoE: only the expert embeddings are normalised, not the input
+            if self.training:  # the authors rescale in place before each forward; logits do not depend on it,
+                with torch.no_grad():  # the optimizer's step sizes relative to |g_e| do
+                    self.weight.mul_(XMOE_NORM / self.weight.norm(dim=1, keepdim=True))
+            r = x32 @ self.reduction.float().t()  # [N, R]
+            return r @ F.normalize(self.weight.float(), dim=1, eps=1e-4).t()  # [N, E]
         return x32 @ self.weight.float().t()  # [N, E]
 
     def forward(self, x: torch.Tensor) -> Routing:  # x: [N, Din]
@@ -64,7 +84,7 @@ class TopKRouter(nn.Module):
 
     def route(self, logits: torch.Tensor) -> Routing:
         """Scoring, (biased) top-k selection and renormalisation of float32 logits [N, E]."""
-        if self.scoring == "softmax":
+        if self.scoring in ("softmax", "xmoe"):
             probs = logits.softmax(dim=-1)  # [N, E]
             scores = probs
         else:
@@ -102,8 +122,10 @@ def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
+                        weights: torch.Tensor | None = None, choices: str = "all") -> torch.Tensor:
     """Switch/GShard auxiliary loss E * sum_e f_e * P_e, f_e counting all K choices; 1.0 when uniform.
+
+    choices="first": f_e counts each row's first choice only (indices[:, 0]), as the authors' `gshard_loss`.
 
     f_e (fraction of the N*K assignments sent to e) carries no gradient; P_e (mean router probability: softmax,
     or the normalised sigmoid scores) does. 0 for an empty batch (no tokens), where the means would be NaN.
@@ -111,6 +133,8 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
     """
     if indices.numel() == 0:
         return probs.sum()  # 0, still attached to the graph
+    if choices == "first":
+        indices = indices[:, :1]  # [N, 1]
     if weights is not None:
         w = weights.to(probs.dtype)  # [N]
         n = w.sum().clamp(min=1)

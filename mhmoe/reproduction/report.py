@@ -36,7 +36,8 @@ def collect(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for col, ev in info["evals"].items():
             for dom, m in ev["domains"].items():
                 recs.append({
-                    "run_id": rid, "variant": r.row.variant, "bitnet": r.row.bitnet, "tables": r.tables,
+                    "run_id": rid, "variant": r.row.variant, "model": r.model, "bitnet": r.row.bitnet,
+                    "tables": r.tables,
                     "seed": r.cfg.seed, "seed_index": r.seed, "step": ev["step"], "column": col,
                     "tokens_seen": ev["tokens_seen"], "domain": dom, "loss": m["loss"], "ppl": m["ppl"],
                     "eval_tokens": m["tokens"], "eval_docs": m["docs"], "params": counts["total"],
@@ -131,13 +132,14 @@ def _comparison_lines(comps: list[dict[str, Any]], sane: bool = True) -> list[st
 
 def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dict[int, dict],
                   health: dict[str, dict[str, Any]], extra: list[Row] | None = None,
-                  sanity: dict[str, Any] | None = None) -> str:
+                  sanity: dict[str, Any] | None = None, profile: str = "mhmoe") -> str:
     """tables.md: the sanity verdict, then each table in the paper's layout with ours beside the paper's, FLOPs
     per row, paired claims.
 
     extra: rows of models outside the tables (`--models smoe-alf`), compared with SMoE with the others.
-    sanity: `mhmoe.reproduction.verdicts.sanity_check`'s result (None: not computed, no section)."""
-    lines = [f"# MH-MoE reproduction, preset `{preset}`", "",
+    sanity: `mhmoe.reproduction.verdicts.sanity_check`'s result (None: not computed, no section).
+    profile: the MoE settings of the table rows ("mhmoe" ours, "authors" the -authors variants)."""
+    lines = [f"# MH-MoE reproduction, preset `{preset}`", "", PROFILE_LINES[profile], "",
              "Validation perplexity (lower is better), mean ± std over seeds; **bold** = best of our rows in that "
              "column. `(paper)` = the published number (12 layers, d=768, 100k steps of 0.5M tokens). Columns "
              "50% / 100% are the paper's 50k / 100k steps scaled to this preset's budget. FLOPs are per token of "
@@ -202,12 +204,7 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                 measured = f" (measured: {cv['measured_verdict']})" if "measured_verdict" in cv else ""
                 lines += [f"At {col}: {cv['verdict']}{measured}.", ""] + _comparison_lines(cv["comparisons"], sane)
                 lines += [""]
-    t1_rows = [r for t in tables for r in TABLES[t][1]] + list(extra or [])
-    seen: list[Row] = []
-    for r in t1_rows:  # one line per model: Table 5's full row is Table 1's h=2
-        if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in seen):
-            seen.append(r)
-    vs = {col: versus_smoe(recs, col, seen) for col in COLUMNS}
+    vs = versus_smoe_all(recs, _model_rows(tables, extra))
     if any(vs.values()):
         lines += ["## Every model against SMoE (seed-paired)", "",
                   "Δ = loss(model) - loss(SMoE) in nats; negative = better than SMoE. `paper Δ` = the same from "
@@ -217,6 +214,29 @@ def render_tables(recs: list[dict], tables: list[int], preset: str, verdict: dic
                 lines += [f"### {col}", ""] + _comparison_lines([c.as_dict() for _, c in comps], sane) + [""]
     lines += _health_lines(recs, health)
     return "\n".join(lines)
+
+
+PROFILE_LINES = {
+    "mhmoe": "Profile `mhmoe`: our MoE settings (README, \"Our defaults and the authors'\").",
+    "authors": "Profile `authors`: every MoE row trains its `-authors` variant, the MoE settings of the authors' "
+               "released code (raw top-k gates, capacity K x ceil(S/E) in training and evaluation, first-choice "
+               "balance loss, head and merge with bias and Xavier init, kaiming-uniform experts and gate); the "
+               "dense row is the same model as in profile `mhmoe`.",
+}
+
+
+def _model_rows(tables: list[int], extra: list[Row] | None) -> list[Row]:
+    """The tables' rows and the extra models, one per model (Table 5's full row is Table 1's h=2)."""
+    seen: list[Row] = []
+    for r in [r for t in tables for r in TABLES[t][1]] + list(extra or []):
+        if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in seen):
+            seen.append(r)
+    return seen
+
+
+def versus_smoe_all(recs: list[dict], rows: list[Row]) -> dict[str, list[tuple[Row, Comparison]]]:
+    """{column: every row's paired comparison with SMoE}, as "Every model against SMoE" and results.json show it."""
+    return {col: versus_smoe(recs, col, rows) for col in COLUMNS}
 
 
 def _near_uniform(health: dict[str, dict[str, Any]], row: Row) -> bool:
@@ -357,13 +377,14 @@ def _forest(plt: Any, comps: dict[str, list[tuple[Row, Comparison]]], path: Path
     return path
 
 
-def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], preset: str) -> str:
+def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], preset: str,
+           profile: str = "mhmoe") -> str:
     """Write tables.md, results.json and plots/ for the finished runs; return the markdown."""
     recs = collect(results)
     health = {}
     for rid, info in results.items():
         h = run_health(out / "runs" / rid, info["run"].cfg)
-        health[rid] = {"variant": info["run"].row.variant + ("-bitnet" if info["run"].row.bitnet else ""),
+        health[rid] = {"variant": info["run"].model + ("-bitnet" if info["run"].row.bitnet else ""),
                        "seed": info["run"].cfg.seed, **h}
     sanity = sanity_check(recs, {rid: h.get("spike_steps_after_warmup", []) for rid, h in health.items()})
     verdict = apply_sanity(verdicts(recs, tables), sanity)
@@ -372,7 +393,8 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
         r = info["run"]
         if not r.tables and r.row not in extra:
             extra.append(r.row)
-    md = render_tables(recs, tables, preset, verdict, health, extra, sanity)
+    md = render_tables(recs, tables, preset, verdict, health, extra, sanity, profile)
+    vs = versus_smoe_all(recs, _model_rows(tables, extra))
     routing = {rid: {"variant": health[rid]["variant"], "seed": info["run"].cfg.seed,
                      "routing": run_routing(out / "runs" / rid, info["run"].cfg.milestones, info["run"].cfg.steps)}
                for rid, info in results.items() if info["run"].cfg.model.moe_ffn.kind == "moe"}
@@ -382,8 +404,11 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
     md += "\n## Training wall time per run (seconds)\n\n| run | wall s |\n|---|---|\n" + walls + "\n"
     atomic_write_text(out / "tables.md", md)
     atomic_write_text(out / "results.json", json.dumps(
-        {"preset": preset, "tables": tables, "records": recs, "runs": health, "sanity": sanity,
+        {"preset": preset, "profile": profile, "tables": tables, "records": recs, "runs": health, "sanity": sanity,
          "verdicts": {f"T{t}": v for t, v in verdict.items()},
+         # tables.md's "Every model against SMoE", entry for entry (`variant`: the row's model)
+         "versus_smoe": {col: [{"variant": r.variant, "bitnet": r.bitnet, **c.as_dict()} for r, c in comps]
+                         for col, comps in vs.items()},
          "routing": {"runs": routing, "claim": act}}, indent=2))
     plots(results, recs, out, tables, extra)
     return md

@@ -22,6 +22,7 @@ from mhmoe.training.checkpoint import RunBusy, latest_good_checkpoint, run_lock
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.evaluate import evaluate_run
 from mhmoe.training.loop import train
+from mhmoe.training.presets import with_profile
 from mhmoe.training.rundir import resolve_config
 
 SEED_BASE = 1337
@@ -33,34 +34,43 @@ BITNET_LR_SCALE = 1.5
 @dataclass
 class PlannedRun:
     run_id: str
-    row: Row
+    row: Row  # the table row (or the extra model) this run stands for
     seed: int
     cfg: TrainConfig
     tables: list[int]
+    model: str = ""  # the variant trained: row.variant under the profile (smoe-authors for smoe); "" = row.variant
+
+    def __post_init__(self) -> None:
+        self.model = self.model or self.row.variant
 
 
 def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] | None = None,
-         models: list[str] | None = None) -> list[PlannedRun]:
+         models: list[str] | None = None, profile: str = "mhmoe") -> list[PlannedRun]:
     """The unique runs the chosen tables need, identical configurations planned once: every run of seed 0 in
     table order, then every run of seed 1, ..., so that a matrix stopped early already has whole tables.
 
     models: keep only the rows of these variants (e.g. smoe and mhmoe-h3 for a learning-rate check); a variant
     that is no row of the tables (e.g. smoe-alf, mhmoe-h3-sigmoid) is planned as an extra model, in no table,
     after the tables' rows of each seed, and compared with SMoE in the report.
+    profile: "mhmoe" (our MoE settings) or "authors": every MoE row of the tables trains its -authors variant
+    (run ids smoe-authors-s0, ...), the dense row is the same run in both; extra models are trained as named.
     """
     in_tables = {r.variant for t in tables for r in TABLES[t][1]}
-    extra = [Row(m, m) for m in dict.fromkeys(models or []) if m not in in_tables]
+    named = set(models or [])
+    table_names = in_tables | {with_profile(v, profile) for v in in_tables}
+    extra = [Row(m, m) for m in dict.fromkeys(models or []) if m not in table_names]
     runs: dict[str, PlannedRun] = {}
     for t, row in [(t, row) for t in tables for row in TABLES[t][1]] + [(None, row) for row in extra]:
-        if models is not None and row.variant not in models:
+        model = with_profile(row.variant, profile) if t is not None else row.variant
+        if models is not None and row.variant not in named and model not in named:
             continue
         for s in range(seeds):
-            rid = run_id(row, s)
+            rid = run_id(Row(row.label, model, row.bitnet), s)
             if rid in runs:
                 runs[rid].tables.append(t)
                 continue
             try:
-                cfg = resolve_config(preset_name, row.variant, list(overrides or [])).replace(seed=SEED_BASE + s)
+                cfg = resolve_config(preset_name, model, list(overrides or [])).replace(seed=SEED_BASE + s)
             except ConfigError as e:
                 if t is not None:
                     raise
@@ -70,7 +80,7 @@ def plan(preset_name: str, tables: list[int], seeds: int, overrides: list[str] |
                 cfg = (cfg.override("model.bitnet", True).override("optim.schedule", "two_stage")
                        .override("optim.wd_off_at", 0.5)
                        .override("optim.lr", cfg.optim.lr * BITNET_LR_SCALE))
-            runs[rid] = PlannedRun(rid, row, s, cfg, [t] if t is not None else [])
+            runs[rid] = PlannedRun(rid, row, s, cfg, [t] if t is not None else [], model)
     return sorted(runs.values(), key=lambda r: r.seed)  # stable: table order within a seed
 
 

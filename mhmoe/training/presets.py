@@ -15,8 +15,14 @@ Variant grammar: BASE[-MOD...], BASE in {dense, smoe, fine-grained, mhmoe-hN}, M
     sigmoid  sigmoid router scores, top-k normalised as DeepSeek-V3 (FFNConfig.scoring; beyond the paper)
     alf      aux-loss-free balancing: a selection bias moved after each step, no lb loss added
              (FFNConfig.balancing="bias"; beyond the paper; docs/ROUTING.md)
-The routing suffixes compose with every other one and with each other (`smoe-alf`, `mhmoe-h3-sigmoid-alf`) and
-change neither sizes nor FLOPs.
+    rawgates raw top-k softmax probabilities as combine weights at every k (FFNConfig.renormalize="never"), the
+             one authors' setting on its own (the sensitivity column of docs/REPRODUCTION.md)
+    authors  the MoE settings of the authors' released code (`authors_moe`, `AUTHORS_MODEL`): raw top-k gates,
+             capacity K * ceil(S / E) in training and evaluation, first-choice balance loss, head and merge with
+             bias and Xavier init (full precision under BitNet), experts and gate kaiming-uniform
+The routing suffixes compose with every other one and with each other (`smoe-alf`, `mhmoe-h3-sigmoid-alf`,
+`mhmoe-h3-shared-authors`) and change neither sizes nor FLOPs (-authors adds 2 D bias parameters with head and
+merge).
 """
 
 from __future__ import annotations
@@ -32,7 +38,32 @@ from mhmoe.model import ModelConfig
 from mhmoe.training.config import OptimConfig, TrainConfig
 
 PAPER_VARIANTS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
-_MODS = ("shared", "hm", "nohm", "nohead", "nomerge", "drophm", "drophead", "dropmerge", "sigmoid", "alf")
+_MODS = ("shared", "hm", "nohm", "nohead", "nomerge", "drophm", "drophead", "dropmerge", "sigmoid", "alf", "rawgates",
+         "authors")
+PROFILES = ("mhmoe", "authors")  # `mhmoe reproduce --profile`: our MoE settings, or the authors' (-authors)
+
+# The ModelConfig fields of -authors: the initialisation of the authors' code and their full-precision head and
+# merge under BitNet (yushuiwx/MH-MoE, torchscale's tutel_moe_layer.py and feedforward_network.py).
+AUTHORS_MODEL = {"head_merge_init": "xavier", "moe_init": "kaiming_uniform", "bitnet_head_merge": False}
+
+
+def authors_moe(cfg: FFNConfig) -> FFNConfig:
+    """The authors' MoE-layer settings applied to `cfg`, each an FFNConfig field usable on its own: their top-k
+    gate is built without its normalise flag (raw probabilities at every k); capacity top_k * ceil(S / E) slots
+    filled first choices first, in training and (eval capacity fraction -1) in evaluation; `gshard_loss` on the
+    first choice; head and merge nn.Linear with bias."""
+    return cfg.replace(renormalize="never", capacity_factor=1.0, capacity_rule="choice_order", capacity_in_eval=True,
+                       balance_choices="first", head_merge_bias=cfg.head_layer or cfg.merge_layer)
+
+
+def with_profile(variant: str, profile: str) -> str:
+    """`variant` under a `reproduce --profile`: "authors" suffixes every MoE variant with -authors; the dense
+    model is the same run in both profiles."""
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile: unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    if profile == "mhmoe" or variant == "dense" or variant.endswith("-authors") or "-authors-" in variant:
+        return variant
+    return f"{variant}-authors"
 _VARIANT = re.compile(r"^(dense|smoe|fine-grained|mhmoe-h([1-9][0-9]*))((?:-(?:" + "|".join(_MODS) + r"))*)$")
 
 
@@ -56,7 +87,8 @@ def variant_ffn(base: Base, variant: str) -> FFNConfig:
         raise ConfigError(
             f"--model: unknown variant {variant!r}; use one of {', '.join(PAPER_VARIANTS)} with optional "
             "suffixes -shared, -hm (smoe/fine-grained/mhmoe-hN-nohm), -nohm/-nohead/-nomerge (re-matched) or "
-            "-drophm/-drophead/-dropmerge (not re-matched) for mhmoe-hN, -sigmoid and -alf (routing, any MoE)"
+            "-drophm/-drophead/-dropmerge (not re-matched) for mhmoe-hN, -sigmoid and -alf (routing, any MoE), "
+            "-rawgates and -authors (raw top-k gates; all of the authors' MoE settings; any MoE)"
         )
     kind, heads, parts = m.group(1), m.group(2), list(filter(None, m.group(3).split("-")))
     mods = set(parts)
@@ -105,14 +137,28 @@ def variant_ffn(base: Base, variant: str) -> FFNConfig:
         cfg = cfg.replace(scoring="sigmoid")
     if "alf" in mods:
         cfg = cfg.replace(balancing="bias")
+    if "rawgates" in mods:
+        if "sigmoid" in mods:
+            raise ConfigError(f"--model: -rawgates applies to softmax gates; drop -sigmoid or -rawgates in {variant!r}")
+        cfg = cfg.replace(renormalize="never")
+    if "authors" in mods:
+        if "sigmoid" in mods:
+            raise ConfigError(f"--model: -authors keeps raw softmax gates, which -sigmoid does not have; drop one "
+                              f"of them in {variant!r}")
+        cfg = authors_moe(cfg)
     return cfg
+
+
+def is_authors(variant: str) -> bool:
+    """Whether `variant` carries the -authors suffix."""
+    return "authors" in variant.split("-")
 
 
 def model_config(base: Base, variant: str, vocab_size: int, max_seq_len: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size, dim=base.dim, n_layers=base.n_layers, n_heads=base.n_heads, max_seq_len=max_seq_len,
         moe_every=base.moe_every, dense_ffn=FFNConfig(kind="dense", dim=base.dim, hidden_dim=base.hidden_dim),
-        moe_ffn=variant_ffn(base, variant),
+        moe_ffn=variant_ffn(base, variant), **(AUTHORS_MODEL if is_authors(variant) else {}),
     )
 
 

@@ -351,3 +351,47 @@ def test_report_only_leaves_out_a_run_another_process_is_training(tmp_path, monk
         holder.wait(timeout=30)
     assert results == {}  # nothing finished; and it returned without waiting for the busy run
     assert any(f"{busy}: being trained by another process (pid {holder.pid}), left out" in l for l in logs)
+
+
+def test_plan_under_the_authors_profile():
+    """--profile authors: every MoE row trains its -authors variant under its own run id, the dense row is the same
+    run (id and config) as under our profile, --models takes either name, extra models are trained as named."""
+    ours = {r.run_id: r for r in R.plan("smoke", [1, 3], seeds=1)}
+    theirs = {r.run_id: r for r in R.plan("smoke", [1, 3], seeds=1, profile="authors")}
+    assert sorted(theirs) == sorted(["dense-s0", "smoe-authors-s0", "fine-grained-authors-s0",
+                                     "mhmoe-h2-authors-s0", "mhmoe-h3-authors-s0", "dense-bitnet-s0",
+                                     "smoe-authors-bitnet-s0", "fine-grained-authors-bitnet-s0",
+                                     "mhmoe-h2-authors-bitnet-s0", "mhmoe-h3-authors-bitnet-s0"])
+    assert theirs["dense-s0"].cfg == ours["dense-s0"].cfg
+    h3 = theirs["mhmoe-h3-authors-s0"]
+    assert h3.row.variant == "mhmoe-h3" and h3.model == "mhmoe-h3-authors"  # the table row it stands for
+    assert h3.cfg.model.moe_ffn.renormalize == "never" and h3.cfg.model.moe_ffn.capacity_in_eval
+    bit = theirs["mhmoe-h3-authors-bitnet-s0"].cfg.model
+    assert bit.bitnet and not bit.bitnet_head_merge  # Table 3 under -authors: full-precision head and merge
+    picked = R.plan("smoke", [1], seeds=1, models=["dense", "smoe-authors", "mhmoe-h3", "mhmoe-h3-rawgates"],
+                    profile="authors")
+    assert [r.run_id for r in picked] == ["dense-s0", "smoe-authors-s0", "mhmoe-h3-authors-s0",
+                                          "mhmoe-h3-rawgates-s0"]
+    assert picked[-1].tables == [] and picked[-1].cfg.model.moe_ffn.renormalize == "never"
+
+
+@pytest.mark.skipif(ROOT is None, reason="real corpora not available (set MHMOE_DATA_ROOT)")
+def test_reproduce_authors_profile_records_it(tmp_path, capsys):
+    out = tmp_path / "authors"
+    argv = ["reproduce", "--preset", "smoke", "--tables", "1", "--seeds", "2", "--models", "dense,smoe,mhmoe-h3",
+            "--profile", "authors", "--out", str(out), "--data-root", str(ROOT), "--no-progress",
+            "--set", "steps=2", "--set", "threads=1"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["profile"] == "authors"
+    assert {r["run_id"] for r in res["records"]} == {f"{v}-s{s}" for v in ("dense", "smoe-authors",
+                                                                           "mhmoe-h3-authors") for s in (0, 1)}
+    assert {r["model"] for r in res["records"] if r["variant"] == "mhmoe-h3"} == {"mhmoe-h3-authors"}
+    # "Every model against SMoE" is in results.json, as in tables.md: h3 - SMoE at 100% over the 2 seeds
+    h3 = [c for c in res["versus_smoe"]["100%"] if c["variant"] == "mhmoe-h3"]
+    assert len(h3) == 1 and h3[0]["n_seeds"] == 2
+    assert {"better", "worse", "column", "mean_diff_nats", "ci95", "n_seeds"} <= set(h3[0])
+    assert res["sanity"]["verdict"] in ("holds", "fails")
+    md = (out / "tables.md").read_text()
+    assert "Profile `authors`" in md and "## Every model against SMoE" in md
+    assert "profile authors" in capsys.readouterr().out
