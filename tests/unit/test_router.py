@@ -52,10 +52,9 @@ def test_jitter_only_in_training():
     assert not torch.equal(r1, r2)
 
 
-def _authors_topk_gate(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """fairseq/torchscale `topkgating` with --moe-normalize-gate-prob-before-dropping, written from its text:
-    top-1 keeps the raw softmax probability; for k > 1 the top-k probabilities are divided by their sum
-    (clamped at the dtype's eps)."""
+def _renormalised_above_top1(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-1 keeps the raw softmax probability; for k > 1 the top-k probabilities are divided by their sum
+    (clamped at the dtype's eps), as torchscale's `topkgating` does when its normalise flag is on."""
     top = probs.topk(k, dim=-1).values
     if k == 1:
         return top
@@ -71,7 +70,7 @@ def test_renormalize_modes_per_top_k(mode, k):
     routing = layer.router(x)
     probs = (x @ layer.router.weight.t()).softmax(-1)
     raw = probs.topk(k, dim=-1).values
-    expected = {"auto": _authors_topk_gate(probs, k), "never": raw,
+    expected = {"auto": _renormalised_above_top1(probs, k), "never": raw,
                 "always": raw / raw.sum(-1, keepdim=True)}[mode]
     torch.testing.assert_close(routing.weights, expected)
     assert layer.cfg.renormalizes == (mode == "always" or (mode == "auto" and k > 1))
@@ -79,7 +78,7 @@ def test_renormalize_modes_per_top_k(mode, k):
         assert torch.equal(routing.weights, torch.ones_like(routing.weights))
 
 
-def test_renormalize_default_follows_the_authors_and_old_booleans_load():
+def test_renormalize_default_is_auto_and_old_booleans_load():
     assert FFNConfig().renormalize == "auto"
     assert FFNConfig.from_dict({"renormalize": True}).renormalize == "always"
     assert FFNConfig.from_dict({"renormalize": False}).renormalize == "never"
