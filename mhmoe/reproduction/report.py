@@ -7,7 +7,8 @@ claim (mhmoe.reproduction.routing_report). tables.md prints the paper's tables w
 each claim's paired intervals, where a router stayed near uniform, and the routing section. Models passed to
 `--models` that are no row of the tables (e.g. smoe-alf) are compared with SMoE in "Every model against SMoE".
 Every record also holds its claims at every periodic evaluation ("curves", plots/differences_vs_tokens.png;
-mhmoe.reproduction.curves).
+mhmoe.reproduction.curves), the config of every run ("run_configs"), and, with `--trend-against DIR`, the change of
+each claim from a shorter record to this one ("trend" and "Trend with training length"; mhmoe.reproduction.trend).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mhmoe.reproduction.paper_tables import DOMAIN_TITLES, DOMAINS, PAPER, TABLE
 from mhmoe.reproduction.routing_report import activation_claim, plot_load_heatmap, read_metrics, routing_section, run_routing
 from mhmoe.reproduction.verdicts import (COLUMNS, NOT_INTERPRETABLE, Comparison, apply_sanity, label_claim, paper_ppl,
                             sanity_check, verdicts, versus_smoe)
+from mhmoe.reproduction.trend import Shorter, trend, trend_lines
 
 SPIKE_FACTOR = 5.0  # a step whose grad norm exceeds this multiple of the run's median counts as a spike
 NEAR_UNIFORM = 0.99  # router entropy at or above this fraction of ln E at the end: the router barely routes
@@ -372,8 +374,12 @@ def _forest(plt: Any, comps: dict[str, list[tuple[Row, Comparison]]], path: Path
     return path
 
 
-def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], preset: str) -> str:
-    """Write tables.md, results.json and plots/ for the finished runs; return the markdown."""
+def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], preset: str,
+           trend_against: Shorter | None = None) -> str:
+    """Write tables.md, results.json and plots/ for the finished runs; return the markdown.
+
+    trend_against: a shorter record of the same models and seeds (`--trend-against`, checked before training by
+    `mhmoe.reproduction.trend.check_against`): adds the trend section and results.json's "trend"."""
     recs = collect(results)
     health = {}
     for rid, info in results.items():
@@ -393,6 +399,9 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
                for rid, info in results.items() if info["run"].cfg.model.moe_ffn.kind == "moe"}
     act = label_claim(activation_claim(routing), sanity)
     md += "\n" + "\n".join(routing_section(routing, act))
+    tr = trend(trend_against, recs, tables, extra, sanity["verdict"]) if trend_against is not None else None
+    if tr is not None:
+        md += "\n" + "\n".join(trend_lines(tr))
     curves = paired_curves(results, out, tables)
     walls = "\n".join(f"| {rid} | {info['wall_s']:.0f} |" for rid, info in results.items())
     md += "\n## Training wall time per run (seconds)\n\n| run | wall s |\n|---|---|\n" + walls + "\n"
@@ -400,11 +409,14 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
     atomic_write_text(out / "results.json", json.dumps(
         {"preset": preset, "tables": tables, "records": recs, "runs": health, "sanity": sanity,
          "verdicts": {f"T{t}": v for t, v in verdict.items()},
-         "routing": {"runs": routing, "claim": act}, **_record_extras(curves)}, indent=2))
+         "routing": {"runs": routing, "claim": act}, **_record_extras(results, curves, tr)}, indent=2))
     plots(results, recs, out, tables, extra, curves)
     return md
 
 
-def _record_extras(curves: list[dict[str, Any]]) -> dict[str, Any]:
-    """results.json's keys for reading a record against others: the claims at every periodic evaluation."""
-    return {"curves": curves}
+def _record_extras(results: dict[str, dict[str, Any]], curves: list[dict[str, Any]],
+                   tr: dict[str, Any] | None) -> dict[str, Any]:
+    """results.json's keys for reading a record against others: the claims at every periodic evaluation, every
+    run's resolved config (what `--trend-against` compares), and the trend against a shorter record (or None)."""
+    return {"curves": curves, "run_configs": {rid: info["run"].cfg.to_dict() for rid, info in results.items()},
+            "trend": tr}
