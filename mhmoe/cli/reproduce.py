@@ -13,7 +13,8 @@ from mhmoe.data.corpora import resolve_data_root
 from mhmoe.errors import UserError
 from mhmoe.reproduction.paper_tables import TABLES
 from mhmoe.reproduction.report import report
-from mhmoe.reproduction.reproduce import execute, plan
+from mhmoe.reproduction.reproduce import PlannedRun, execute, plan
+from mhmoe.reproduction.trend import Shorter, check_against, load_shorter
 from mhmoe.training.presets import PROFILES, preset_names
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,6 +82,7 @@ def _cli(args: argparse.Namespace) -> int:
         overrides.append(f"threads={max(1, _available_cores() // args.workers)}")
     models = parse_models(args.models, tables)
     runs = plan(args.preset, tables, args.seeds, overrides, models, args.profile)
+    shorter = _trend_against(args.trend_against, runs)
     if not args.dry_run:
         resolve_data_root(args.data_root, args.preset)  # a preset too large for the embedded sample: say so now
     print(f"mhmoe reproduce: preset {args.preset}, tables {','.join(map(str, tables))}, {args.seeds} seed(s), "
@@ -110,10 +112,19 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"worker {k} exited with {workers[k - 2].returncode}; its log: {out / f'worker-{k}.log'}", flush=True)
     if args.worker:
         return 0
-    md = report(results, out, tables, args.preset, args.profile)
+    md = report(results, out, tables, args.preset, args.profile, trend_against=shorter)
     print(md)
     print(f"wrote {out / 'tables.md'}, {out / 'results.json'} and {out / 'plots'}/")
     return 0
+
+
+def _trend_against(path: str | None, runs: list[PlannedRun]) -> Shorter | None:
+    """The shorter record of --trend-against, checked against the planned runs before any training."""
+    if not path:
+        return None
+    shorter = load_shorter(path)
+    check_against(shorter, runs)
+    return shorter
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -138,6 +149,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: evaluate and report the runs that are finished (partial tables)")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    p.add_argument("--trend-against", default=None, metavar="DIR",
+                   help="a shorter record of the same models and seeds (its output directory or results.json): "
+                        "report how each claim's seed-paired difference changes from it to this one")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the matrix, each with cores/workers threads (default 1)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a started worker: no report

@@ -6,6 +6,9 @@ fraction of ln E over training and grad-norm spikes, and its routing at the mile
 claim (mhmoe.reproduction.routing_report). tables.md prints the paper's tables with ours beside them, the FLOPs of every row,
 each claim's paired intervals, where a router stayed near uniform, and the routing section. Models passed to
 `--models` that are no row of the tables (e.g. smoe-alf) are compared with SMoE in "Every model against SMoE".
+Every record also holds its claims at every periodic evaluation ("curves", plots/differences_vs_tokens.png;
+mhmoe.reproduction.curves), the config of every run ("run_configs"), and, with `--trend-against DIR`, the change of
+each claim from a shorter record to this one ("trend" and "Trend with training length"; mhmoe.reproduction.trend).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any
 
 from mhmoe.complexity import model_flops_per_token, model_param_count
 from mhmoe.fileio import atomic_write_text
+from mhmoe.reproduction.curves import paired_curves, plot_curves
 from mhmoe.reproduction.paper_tables import DOMAIN_TITLES, DOMAINS, PAPER, TABLES, Row, run_id
 from mhmoe.reproduction.routing_report import activation_claim, plot_load_heatmap, read_metrics, routing_section, run_routing
 from mhmoe.reproduction.verdicts import (COLUMNS, NOT_INTERPRETABLE, Comparison, apply_sanity, label_claim, paper_ppl,
                             sanity_check, verdicts, versus_smoe)
+from mhmoe.reproduction.trend import Shorter, trend, trend_lines
 
 SPIKE_FACTOR = 5.0  # a step whose grad norm exceeds this multiple of the run's median counts as a spike
 NEAR_UNIFORM = 0.99  # router entropy at or above this fraction of ln E at the end: the router barely routes
@@ -270,9 +275,10 @@ def _health_lines(recs: list[dict], health: dict[str, dict[str, Any]]) -> list[s
 
 
 def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, tables: list[int],
-          extra: list[Row] | None = None) -> list[Path]:
-    """Forest plot (every model's paired difference from SMoE), validation-loss curves, expert-load bars and
-    heatmaps (load per expert over training, per MoE layer)."""
+          extra: list[Row] | None = None, curves: list[dict[str, Any]] | None = None) -> list[Path]:
+    """Forest plot (every model's paired difference from SMoE), the claims' paired differences at every periodic
+    evaluation (`curves`, computed here when not given), validation-loss curves, expert-load bars and heatmaps
+    (load per expert over training, per MoE layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,14 +293,19 @@ def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, table
     rows += [r for r in extra or [] if all((r.variant, r.bitnet) != (x.variant, x.bitnet) for x in rows)]
     comps = {col: versus_smoe(recs, col, rows) for col in COLUMNS}
     if any(comps.values()):
-        made.append(_forest(plt, comps, plot_dir / "forest.png"))
+        made.append(_forest(plt, comps, plot_dir / "forest.png", tables))
+    curves = paired_curves(results, out, tables) if curves is None else curves
+    if curves:
+        made.append(plot_curves(plt, curves, plot_dir / "differences_vs_tokens.png"))
     for t in tables:
         trows = [r for r in TABLES[t][1] if any(x["variant"] == r.variant and x["bitnet"] == r.bitnet for x in recs)]
         if not trows:
             continue
         fig, axes = plt.subplots(1, len(DOMAINS), figsize=(5 * len(DOMAINS), 3.6), squeeze=False)
         for r in trows:  # validation-loss curves of the first seed, from evals.jsonl
-            path = out / "runs" / run_id(r, 0) / "evals.jsonl"
+            rid = next((x["run_id"] for x in recs if (x["variant"], x["bitnet"]) == (r.variant, r.bitnet)
+                        and x["seed_index"] == 0), run_id(r, 0))  # under --profile authors: smoe-authors-s0
+            path = out / "runs" / rid / "evals.jsonl"
             pts = [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
             for ax, d in zip(axes[0], DOMAINS):
                 ax.plot([p["tokens"] / 1e6 for p in pts if d in p], [p[d] for p in pts if d in p], marker="o",
@@ -337,14 +348,22 @@ def plots(results: dict[str, dict[str, Any]], recs: list[dict], out: Path, table
     return made
 
 
-def _forest(plt: Any, comps: dict[str, list[tuple[Row, Comparison]]], path: Path) -> Path:
+def forest_label(row: Row, tables: list[int]) -> str:
+    """A forest row's label: the paper's label, then the tables it is a row of and its variant, because Tables 2-5
+    reuse Table 1's labels for other models ("SMoE" is `smoe-shared` in Table 2, `smoe` b1.58 in Table 3)."""
+    where = [t for t in tables if any((r.variant, r.bitnet) == (row.variant, row.bitnet) for r in TABLES[t][1])]
+    tag = f"T{', T'.join(map(str, where))}: " if where else "--models: "
+    return f"{row.label} ({tag}{row.variant}{', b1.58' if row.bitnet else ''})"
+
+
+def _forest(plt: Any, comps: dict[str, list[tuple[Row, Comparison]]], path: Path, tables: list[int]) -> Path:
     """One panel per column: per model, the paired Δ loss vs SMoE per domain and their mean with 95% intervals,
     the paper's Δ (ln ppl ratio) as a cross beside each."""
     cols = [c for c in COLUMNS if comps[c]]
     rows: list[Row] = []
     for col in cols:
         rows += [r for r, _ in comps[col] if r not in rows]
-    labels = [r.label + (" (b1.58)" if r.bitnet else "") for r in rows]
+    labels = [forest_label(r, tables) for r in rows]
     fig, axes = plt.subplots(1, len(cols), figsize=(6.5 * len(cols), 0.55 * len(labels) + 1.8), squeeze=False,
                              sharey=True)
     keys = (*DOMAINS, "mean")
@@ -378,8 +397,12 @@ def _forest(plt: Any, comps: dict[str, list[tuple[Row, Comparison]]], path: Path
 
 
 def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], preset: str,
-           profile: str = "mhmoe") -> str:
-    """Write tables.md, results.json and plots/ for the finished runs; return the markdown."""
+           profile: str = "mhmoe", trend_against: Shorter | None = None) -> str:
+    """Write tables.md, results.json and plots/ for the finished runs; return the markdown.
+
+    profile: the MoE settings of the table rows (`--profile`), recorded in tables.md and results.json.
+    trend_against: a shorter record of the same models and seeds (`--trend-against`, checked before training by
+    `mhmoe.reproduction.trend.check_against`): adds the trend section and results.json's "trend"."""
     recs = collect(results)
     health = {}
     for rid, info in results.items():
@@ -400,6 +423,10 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
                for rid, info in results.items() if info["run"].cfg.model.moe_ffn.kind == "moe"}
     act = label_claim(activation_claim(routing), sanity)
     md += "\n" + "\n".join(routing_section(routing, act))
+    tr = trend(trend_against, recs, tables, extra, sanity["verdict"]) if trend_against is not None else None
+    if tr is not None:
+        md += "\n" + "\n".join(trend_lines(tr))
+    curves = paired_curves(results, out, tables)
     walls = "\n".join(f"| {rid} | {info['wall_s']:.0f} |" for rid, info in results.items())
     md += "\n## Training wall time per run (seconds)\n\n| run | wall s |\n|---|---|\n" + walls + "\n"
     atomic_write_text(out / "tables.md", md)
@@ -409,6 +436,14 @@ def report(results: dict[str, dict[str, Any]], out: Path, tables: list[int], pre
          # tables.md's "Every model against SMoE", entry for entry (`variant`: the row's model)
          "versus_smoe": {col: [{"variant": r.variant, "bitnet": r.bitnet, **c.as_dict()} for r, c in comps]
                          for col, comps in vs.items()},
-         "routing": {"runs": routing, "claim": act}}, indent=2))
-    plots(results, recs, out, tables, extra)
+         "routing": {"runs": routing, "claim": act}, **_record_extras(results, curves, tr)}, indent=2))
+    plots(results, recs, out, tables, extra, curves)
     return md
+
+
+def _record_extras(results: dict[str, dict[str, Any]], curves: list[dict[str, Any]],
+                   tr: dict[str, Any] | None) -> dict[str, Any]:
+    """results.json's keys for reading a record against others: the claims at every periodic evaluation, every
+    run's resolved config (what `--trend-against` compares), and the trend against a shorter record (or None)."""
+    return {"curves": curves, "run_configs": {rid: info["run"].cfg.to_dict() for rid, info in results.items()},
+            "trend": tr}

@@ -202,21 +202,24 @@ def tiny(variant: str) -> TrainConfig:
 
 
 def cpu_scale(variant: str, *, dim: int = 144, n_layers: int = 4, n_heads: int = 4, hidden_dim: int = 384,
-              steps: int = 175, lr: float = 2e-3, eval_tokens: int = 8192, preset_name: str = "cpu") -> TrainConfig:
+              steps: int = 175, lr: float = 2e-3, eval_tokens: int = 8192, evals: int = 8,
+              preset_name: str = "cpu") -> TrainConfig:
     """The family the `cpu` preset was picked from (benchmarks/cpu_pilot.py): small models trained on many
     tokens per parameter, which narrow the seed-paired interval per CPU-hour most (docs/REPRODUCTION.md).
 
     Fixed across the family: the paper's 8 experts top-1 SMoE with MoE every 2nd layer, a 4096-token BPE,
     128-token windows, 4096 tokens per step, a 10% warm-up (the `demo` schedule's 8 warm-up steps let one SMoE
     seed spike to a grad norm of 31, which decided that pair), grad clip 1, 65,536 evaluation tokens per domain
-    at the 50% and 100% milestones.
+    at the 50% and 100% milestones. `evals` periodic points, each an evaluation on `eval_tokens` tokens per
+    domain and a checkpoint, so that an interrupted run loses at most one interval.
     """
     base = Base(dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden_dim)
     data = DataConfig(vocab_size=4096, tokenizer_train_bytes=4_000_000, max_eval_tokens=65_536)
     return TrainConfig(
         preset=preset_name, variant=variant, model=model_config(base, variant, 4096, 128), data=data,
         optim=OptimConfig(lr=lr, warmup_steps=max(1, steps // 10)), steps=steps, batch_size=32, seq_len=128,
-        tokens_per_step=4096, eval_every=max(1, steps // 8), eval_tokens=eval_tokens, ckpt_every=max(1, steps // 8),
+        tokens_per_step=4096, eval_every=max(1, steps // evals), eval_tokens=eval_tokens,
+        ckpt_every=max(1, steps // evals),
     )
 
 
@@ -227,6 +230,22 @@ def cpu(variant: str) -> TrainConfig:
     tokens, 0.63 epochs of the training mix), where SMoE beats the dense model; 16,384 evaluation tokens per
     domain at each of the 8 periodic points."""
     return cpu_scale(variant, steps=1600, eval_tokens=16_384)
+
+
+def cpu_long(variant: str) -> TrainConfig:
+    """The `cpu` preset's model, tokenizer and batch trained 3x longer, for the verdict across training length
+    (docs/REPRODUCTION.md, "cpu-long"): 4800 steps of 4096 tokens (19.7M tokens, about 12 per active parameter
+    of the 1.6M-active models), 480 warm-up steps (10%), the cosine over all 4800. That is 1.90 epochs of the
+    training mix: 19,660,800 / 10,352,080, the mix's tokens under the `cpu` 4096-token BPE (`cpu`'s 0.63 is
+    6,553,600 over the same count), so a window is seen about twice in expectation (starts are drawn at random).
+    Ten periodic points (every 480 steps) on 65,536 evaluation tokens per domain, the milestones' windows, so
+    one run gives a curve whose 50% and 100% points are the milestone evaluations; a checkpoint at each.
+
+    Not yet run. Estimated from the 2026-12-04 `cpu` record's steady tokens/s with two processes (about 7,000
+    dense, 6,600 SMoE, 5,400 MH-MoE h=3): 47-61 minutes of one core per run plus about 2 minutes of evaluation,
+    so `--models dense,smoe,mhmoe-h3 --seeds 3 --workers 2` takes about 4 hours of 2 cores and Table 1's five
+    rows x 3 seeds about 7 (`--trend-against` the `cpu` record for the change of each claim with length)."""
+    return cpu_scale(variant, steps=4800, eval_tokens=65_536, evals=10, preset_name="cpu-long")
 
 
 def gpu(variant: str) -> TrainConfig:
@@ -279,7 +298,8 @@ def paper(variant: str) -> TrainConfig:
     )
 
 
-PRESETS = {"smoke": smoke, "demo": demo, "cpu": cpu, "tiny": tiny, "gpu": gpu, "gpu-9min": gpu_9min, "paper": paper}
+PRESETS = {"smoke": smoke, "demo": demo, "cpu": cpu, "cpu-long": cpu_long, "tiny": tiny, "gpu": gpu,
+           "gpu-9min": gpu_9min, "paper": paper}
 
 
 def preset_names() -> str:

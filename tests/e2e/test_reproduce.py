@@ -257,6 +257,15 @@ def test_reproduce_smoke_end_to_end_with_interruption(tmp_path, monkeypatch, cap
     assert "(11.84)" in md and "## Training health" in md  # the paper's value beside ours
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert "forest.png" in plots and "table4_val_loss.png" in plots and "load_mhmoe-h2-s0.png" in plots
+    # Every record has its claims at every periodic evaluation: Table 4's two gains and Table 5's three pairs,
+    # here at the one evaluation a 4-step smoke run makes (its last step).
+    assert "differences_vs_tokens.png" in plots
+    assert [c["comparison"] for c in res["curves"]] == [
+        "head & merge on MH-MoE (head=2) w/o head & merge - head & merge on SMoE (Table 4)",
+        "head & merge on MH-MoE (head=2) w/o head & merge - head & merge on Fine-grained SMoE (Table 4)",
+        "w/ head, w/o merge - w/o head, w/o merge (Table 5)", "w/o head, w/ merge - w/o head, w/o merge (Table 5)",
+        "w/ head, w/o merge - w/o head, w/ merge (Table 5)"]
+    assert all(c["steps"] == [4] and c["n_seeds"] == 1 and c["ci95"] == [None] for c in res["curves"])
 
 
 def test_two_processes_share_a_matrix_run_locked_elsewhere_is_deferred_then_awaited(tmp_path, monkeypatch):
@@ -395,3 +404,5 @@ def test_reproduce_authors_profile_records_it(tmp_path, capsys):
     md = (out / "tables.md").read_text()
     assert "Profile `authors`" in md and "## Every model against SMoE" in md
     assert "profile authors" in capsys.readouterr().out
+    # the curves read the -authors runs: h3 - SMoE at every periodic evaluation
+    assert any("mhmoe-h3" in json.dumps(c["terms"]) and c["n_seeds"] == 2 for c in res["curves"])

@@ -1,4 +1,5 @@
-"""Training end to end on the smoke preset: loss decreases, bit-exact resume (also after SIGKILL), corrupted
+"""Training end to end on the smoke preset: loss decreases, bit-exact resume (also of a process killed by SIGKILL
+or SIGTERM: per-step metrics, periodic and final evaluations, final weights), corrupted
 checkpoints, NaN stop, eval, bad inputs with one-line errors, and 2-process DDP = 1 process."""
 
 import json
@@ -70,13 +71,34 @@ def test_loss_decreases_and_run_dir_contents(tmp_path, cache):
     assert [e["step"] for e in evals] == [10, 20, 30] and all("c4" in e for e in evals)
 
 
+def _train_log(run_dir):
+    """What a run logged per step and per evaluation, without the step times: the metrics.jsonl records (loss, lr,
+    grad norm, routing, ...) and the evals.jsonl records (every periodic evaluation, the last one at the end)."""
+    run_dir = Path(run_dir)
+    steps = [{k: v for k, v in json.loads(l).items() if k != "tok_per_s"}
+             for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(l) for l in (run_dir / "evals.jsonl").read_text().splitlines()]
+    return steps, evals
+
+
+def _final_weights(run_dir, step):
+    return json.loads((Path(run_dir) / "checkpoints" / f"step_{step:07d}" / "manifest.json").read_text())[
+        "sha256"]["model.safetensors"]
+
+
 def test_resume_is_bit_exact(tmp_path, cache):
-    cfg = _cfg("mhmoe-h2", steps=8, ckpt_every=2)
+    """Resumed from step 4, the run re-does step 5 from the same data position, RNG and schedule: every logged
+    number and the final weights equal the uninterrupted run's."""
+    cfg = _cfg("mhmoe-h2", steps=8, ckpt_every=2, eval_every=3)
     train(cfg, tmp_path / "full", ROOT, cache, progress=False)
     part = train(cfg, tmp_path / "part", ROOT, cache, progress=False, stop_after=5)
     assert not part.finished and len(_losses(tmp_path / "part")) == 5
     train(cfg, tmp_path / "part", ROOT, cache, progress=False)  # resumes from step 4, re-does 5
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")  # exact float equality
+    steps, evals = _train_log(tmp_path / "part")
+    assert (steps, evals) == _train_log(tmp_path / "full")
+    assert [e["step"] for e in evals] == [3, 6, 8] and [r["step"] for r in steps] == list(range(1, 9))
+    assert _final_weights(tmp_path / "part", 8) == _final_weights(tmp_path / "full", 8)
 
 
 def test_a_run_whose_config_says_compile_false_resumes(tmp_path, cache, capsys):
@@ -98,29 +120,40 @@ def test_a_run_whose_config_says_compile_false_resumes(tmp_path, cache, capsys):
     assert _losses(run) == _losses(tmp_path / "ref")
 
 
-def test_sigkill_mid_training_then_resume_matches(tmp_path, cache):
-    cfg = _cfg("smoe", steps=14, ckpt_every=1)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_mid_training_then_resumed_matches_the_uninterrupted_run(tmp_path, cache, sig):
+    """A real `mhmoe train` process killed after its first checkpoint (SIGKILL: nothing runs after it; SIGTERM:
+    Python's default, no handler) and then re-run with the same command: every step's logged numbers, every
+    periodic evaluation (the last one is the final eval) and the final weights equal the uninterrupted run's."""
+    cfg = _cfg("smoe", steps=20, ckpt_every=5, eval_every=4)
     train(cfg, tmp_path / "ref", ROOT, cache, progress=False)
-    cmd = [sys.executable, "-m", "mhmoe.cli", "train", "--preset", "smoke", "--model", "smoe", "--out",
-           str(tmp_path / "killed"), "--data-root", str(ROOT), "--cache-dir", str(cache), "--no-progress",
-           "--set", "threads=1", "--set", "steps=14", "--set", "ckpt_every=1"]
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mhmoe.cli", "train", "--preset", "smoke", "--model", "smoe", "--out", str(run),
+           "--data-root", str(ROOT), "--cache-dir", str(cache), "--no-progress", "--set", "threads=1",
+           "--set", "steps=20", "--set", "ckpt_every=5", "--set", "eval_every=4"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    metrics, first_ckpt = run / "metrics.jsonl", run / "checkpoints" / "step_0000005" / "manifest.json"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 6:
+    while time.time() < deadline and proc.poll() is None:
+        if first_ckpt.is_file() and len(metrics.read_text().splitlines()) >= 6:
             break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+        time.sleep(0.005)
+    proc.send_signal(sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -sig
+    logged = len(metrics.read_text().splitlines())
+    newest = max(s for s, _ in list_checkpoints(run))
+    assert 5 <= newest <= logged < 20  # killed after its first checkpoint, before the end
     # The killed invocation's training time survives (recorded with each checkpoint, not only at exit).
-    wall_killed = json.loads((tmp_path / "killed" / "train_wall.json").read_text())["wall_s"]
+    wall_killed = json.loads((run / "train_wall.json").read_text())["wall_s"]
     assert wall_killed > 0
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "killed" / "train_wall.json").read_text())["wall_s"] > wall_killed
-    assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
+    assert json.loads((run / "train_wall.json").read_text())["wall_s"] > wall_killed
+    steps, evals = _train_log(run)
+    assert (steps, evals) == _train_log(tmp_path / "ref")  # exact: data position, RNG and schedule restored
+    assert [e["step"] for e in evals] == [4, 8, 12, 16, 20]
+    assert _final_weights(run, 20) == _final_weights(tmp_path / "ref", 20)
 
 
 def test_corrupted_checkpoint_falls_back_with_warning(tmp_path, cache):

@@ -1,5 +1,5 @@
 """FFNConfig: validation with one-line errors that name the field, unknown keys, coercion; TrainConfig.compile's
-named modes and the booleans older configs wrote."""
+named modes and the booleans older configs wrote; the `cpu-long` preset against `cpu`."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 
 from mhmoe import ConfigError, FFNConfig
 from mhmoe.training.config import TrainConfig
+from mhmoe.training.presets import preset
 from mhmoe.training.rundir import _check_same_config
 
 
@@ -63,3 +64,21 @@ def test_train_config_compile_rejects_other_values():
     with pytest.raises(ConfigError, match=r"TrainConfig\.compile: 'cudagraphs' needs device=cuda") as info:
         TrainConfig(compile="cudagraphs")  # device="cpu", the default
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("variant", ["dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3"])
+def test_cpu_long_is_the_cpu_model_and_batch_trained_at_least_3x_longer(variant):
+    """Issue 28: the trend with training length compares `cpu-long` with the `cpu` record, so the two may differ
+    only in length (steps, the warm-up and cosine that scale with it) and in evaluation/checkpoint cadence."""
+    short, long = preset("cpu", variant), preset("cpu-long", variant)
+    assert long.model == short.model and long.data == short.data
+    assert (long.tokens_per_step, long.batch_size, long.seq_len) == (short.tokens_per_step, short.batch_size,
+                                                                    short.seq_len)
+    assert long.steps * long.tokens_per_step >= 3 * short.steps * short.tokens_per_step
+    assert long.steps >= 4800
+    assert long.optim == short.optim.replace(warmup_steps=long.optim.warmup_steps)
+    assert long.optim.warmup_steps == long.steps // 10  # the warm-up scales with the length, as cpu's
+    # One run gives a curve: a periodic evaluation at least every 10% of the steps, on the milestones' 65,536
+    # tokens per domain, and the milestones (50%, 100%) fall on periodic points.
+    assert 0 < long.eval_every <= long.steps // 10 and long.eval_tokens == long.data.max_eval_tokens == 65_536
+    assert all(m % long.eval_every == 0 for m in long.milestones)
