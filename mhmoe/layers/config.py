@@ -63,8 +63,9 @@ class FFNConfig(Config):
         jitter: multiplicative input jitter eps for the router in training (0 = off).
         capacity_factor: 0 = dropless (default); > 0 drops assignments beyond
             ceil(capacity_factor * N * K / E) per expert, in training only.
-        dispatch: "auto" (default: scatter on CUDA when Triton imports, else grouped_mm on CUDA in bfloat16;
-            sorted on CPU and wherever neither can run; chosen per call for the input's device), "sorted" (sort
+        dispatch: "auto" (default: scatter on CUDA in bfloat16/float16 when Triton imports, else grouped_mm on
+            CUDA in bfloat16; sorted on CPU, in float32 on CUDA (cuBLAS's matmuls) and wherever neither can run;
+            chosen per call for the input's device and compute dtype), "sorted" (sort
             by expert, one fused matmul loop over the contiguous groups, CPU threads; one host sync),
             "grouped_mm" (torch's grouped GEMM over the same sorted layout; no host sync) or "scatter" (Triton
             grouped GEMMs that gather and scatter rows by index, SwiGLU fused; no host sync, no permuted copies;
