@@ -216,6 +216,31 @@ def test_opcheck_of_the_forward_op():
         torch.ops.mhmoe.scatter_experts_fwd(*args)
 
 
+@pytest.mark.parametrize("name", ["weights", "order", "starts", "ends"])
+def test_the_ops_refuse_a_strided_index_input(name):
+    """The kernels index the 1-D inputs without a stride: a strided view (every other element of a longer buffer)
+    would read other rows without an error, so the ops refuse it, forward and backward, on both implementations
+    and at trace time (fake tensors)."""
+    c = make_case("top2-capacity-drops", torch.float32, torch.device("cpu"))
+    a = sort_assignments(c["indices"], c["num_experts"], c["capacity"])
+    starts = (torch.cumsum(a.counts, 0) - a.counts).to(torch.int32)
+    ins = {"weights": c["weights"].reshape(-1), "order": a.order, "starts": starts,
+           "ends": starts + a.kept_counts.to(torch.int32)}
+    ins[name] = torch.stack([ins[name], ins[name]], 1)[:, 0]  # the same values, stride 2
+    assert not ins[name].is_contiguous()
+    args = (c["x"], ins["weights"], c["w1"], c["w3"], c["w2"], ins["order"], ins["starts"], ins["ends"])
+    for fn in (lambda: se._forward(se.TorchKernels, *args, 2, False, True),
+               lambda: se._backward(se.TorchKernels, c["dy"], *args, c["x"], c["x"], 2, False),
+               lambda: torch.ops.mhmoe.scatter_experts_fwd(*args, 2, False, True)):
+        with pytest.raises(ValueError, match=rf"^scatter_experts: {name} must be a contiguous 1-D tensor .*"
+                                             rf"pass {name}\.contiguous\(\)$"):
+            fn()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=f"{name} must be a contiguous"):
+        torch.ops.mhmoe.scatter_experts_fwd(*(mode.from_tensor(t) for t in args), 2, False, True)
+
+
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_op_through_autograd_equals_the_slow_reference(dtype, capacity_factor):
