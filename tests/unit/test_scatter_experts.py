@@ -33,8 +33,11 @@ from mhmoe.layers.experts import resolve_dispatch, rows_dispatch, sort_assignmen
 from mhmoe.layers.sorted_experts import DoubleBackwardError
 from mhmoe.model import ModelConfig, Transformer
 
-# The interpreter's own numpy deprecation, once per scalar it converts.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+# The interpreter's own numpy deprecation, once per scalar it converts. On a GPU the first launch of each kernel
+# variant compiles and autotunes its configs: under `pytest --dist loadgroup` (benchmarks/gpu_check.sh) this file's
+# tests share one xdist worker, so that happens once, not once per worker.
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+              pytest.mark.xdist_group("triton-kernels")]
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}  # of the reference's largest |value| (seen: 4e-7, 7e-3)
@@ -457,13 +460,21 @@ def test_the_backward_materialises_no_gradient_for_the_saved_hidden():
 
 def test_the_kernels_build_for_hopper_pipelined_on_warp_group_mmas():
     """The interpreter never compiles the kernels: Triton's real compiler does here, for sm_90 (H100/H200), without
-    a GPU (scripts/compile_scatter_kernels.py, one autotune config per kernel and launch variant). Every GEMM's K
-    loop must be pipelined (async copies) and its dots Hopper warp-group MMAs."""
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "compile_scatter_kernels.py"), "--first-config-only"],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    a GPU (scripts/compile_scatter_kernels.py, the first config each kernel's pruner keeps, per launch variant).
+    Every GEMM's K loop must be pipelined (async copies) and its dots Hopper warp-group MMAs; every build fits
+    sm_90's shared memory with no large spill. With a budget below what the kernels need, the script fails."""
+    script = [sys.executable, str(REPO / "scripts" / "compile_scatter_kernels.py"), "--first-config-only"]
+    out = subprocess.run(script, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 8 and all(line.startswith("ok ") for line in lines), out.stdout
     for line in lines:
         if "_sum_k_kernel" not in line:
             assert " wgmma  0 " not in line and " async-copies  0 " not in line, line
+    # 64 KiB: the smallest bf16 tiles of swiglu_up need 96 KiB, of the dx launch 96 KiB; scatter_mm's 48 KiB fit.
+    small = subprocess.run(script + ["--smem-limit", "65536"], env=subprocess_env(), capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+    assert small.returncode == 1, small.stdout + small.stderr
+    failed = [line for line in small.stdout.splitlines() if line.startswith("FAILED")]
+    assert any("_swiglu_up_kernel" in line and "shared memory 98,304 bytes > 65,536" in line for line in failed)
+    assert any(line.startswith("ok ") and "'TWO': False" in line for line in small.stdout.splitlines())
