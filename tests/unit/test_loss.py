@@ -1,6 +1,7 @@
 """The chunked linear cross-entropy (mhmoe/layers/loss.py) against its slow reference, F.cross_entropy on the full
 float32 logits: loss and gradients in float32 and under bf16 autocast, any chunk size, ignored rows, tied
-weights, torch.compile without graph breaks, and no [N, V] tensor ever allocated."""
+weights, torch.compile without graph breaks and with one op for the whole loss (no chunk unrolled into the graph),
+no [N, V] tensor ever allocated, and the passes over each chunk's [C, V] buffer."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from helpers import assert_close_scaled
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mhmoe.layers.loss import CHUNK_ELEMENTS, chunk_rows, linear_cross_entropy
+from mhmoe.layers.loss import CHUNK_ELEMENTS, chunk_rows, float32_out_matmuls, forward_chunks, linear_cross_entropy
 
 N, D, V = 37, 24, 101  # N prime: chunk sizes that do not divide it leave a short last chunk
 
@@ -99,21 +100,31 @@ def test_tied_weights_gradients_add_up():
 
 
 class _Allocations(TorchDispatchMode):
-    """Every tensor an aten op returns: (op name, shape, dtype), in order."""
+    """Every aten op: (op name, shapes of its tensor outputs, their dtypes, shapes of its tensor inputs), in order.
+    The loss is one custom op to this mode (it sees ops, not what they run inside): the tests look inside by
+    calling `forward_chunks`, the op's body, under it."""
 
     def __init__(self):
         super().__init__()
         self.seen = []
+        self.inputs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        ins = [tuple(a.shape) for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor):
                 self.seen.append((func.__name__.split(".")[0], tuple(o.shape), o.dtype))
+                self.inputs.append(ins)
         return out
 
     def largest(self, dtype=None):
         return max((torch.Size(s).numel() for _, s, d in self.seen if dtype is None or d == dtype), default=0)
+
+
+def _chunks(h, w, t, rows, dtype=torch.float32, grads=True):
+    """The op's body, as the op runs it (mean reduction)."""
+    return forward_chunks(h.detach(), w.detach(), t, -100, rows, dtype, "mean", grads)
 
 
 def test_never_allocates_the_full_logits():
@@ -122,8 +133,11 @@ def test_never_allocates_the_full_logits():
     h, w, t = _inputs()
     rows = 30
     with _Allocations() as seen:
-        linear_cross_entropy(h, w, t, rows=rows).backward()
+        _chunks(h, w, t, rows)
     assert seen.largest() == rows * V < N * V
+    with _Allocations() as seen:  # the op's outputs and its backward: the saved gradients scaled
+        linear_cross_entropy(h, w, t, rows=rows).backward()
+    assert seen.largest() == V * D < rows * V
     with _Allocations() as control:  # the hook sees the reference's [N, V] float32 logits
         _reference(h, w, t).backward()
     assert control.largest(torch.float32) >= N * V
@@ -132,14 +146,92 @@ def test_never_allocates_the_full_logits():
 def test_no_grad_computes_no_gradients():
     """Under no_grad (evaluation) the forward does the loss alone: one matmul per chunk, nothing saved."""
     h, w, t = _inputs()
-    with torch.no_grad(), _Allocations() as seen:
+    with torch.no_grad():
         loss = linear_cross_entropy(h, w, t, rows=10)
     torch.testing.assert_close(loss, _reference(h, w, t).detach(), rtol=1e-5, atol=1e-6)
+    with _Allocations() as seen:
+        _, grad_h, grad_w = _chunks(h, w, t, 10, grads=False)  # what the op runs under no_grad
     matmuls = [(op, s) for op, s, _ in seen.seen if op in ("mm", "addmm", "addmm_", "matmul")]
     assert matmuls == [("mm", (10, V))] * 3 + [("mm", (7, V))]  # the logits of each chunk, no gradient matmul
+    assert grad_h.shape == grad_w.shape == (0, D)
     with _Allocations() as seen:
-        linear_cross_entropy(h, w, t, rows=10)  # grad mode: dh and dW of each chunk as well
+        _chunks(h, w, t, 10)  # grad mode: dh and dW of each chunk as well
     assert sum(op in ("mm", "addmm_") for op, _, _ in seen.seen) == 3 * 4
+
+
+# Not a pass over [C, V]: the matmuls, the reads and writes of the targets' column, and views.
+NOT_PASSES = ("mm", "addmm", "addmm_", "gather", "scatter_add_", "permute", "t", "transpose", "view", "slice",
+              "alias", "unsqueeze", "squeeze", "expand", "detach")
+
+
+@pytest.mark.parametrize("dtype, passes", [
+    (torch.float32, ["amax", "sub_", "exp_", "sum", "mul_"]),
+    # CPU in bf16: the 16-bit logits cast to float32 first, dL/dlogits cast back (CUDA's matmuls write float32).
+    (torch.bfloat16, ["_to_copy", "amax", "sub_", "exp_", "sum", "mul_", "_to_copy"]),
+])
+def test_the_elementwise_passes_over_a_chunk(dtype, passes):
+    """The memory-bound work of a training chunk: every op other than the matmuls that reads or writes a [C, V]
+    tensor, in order. Fewer passes is the point (module docstring): a divide and a multiply became one multiply."""
+    h, w, t = _inputs()
+    rows = 10
+    with _Allocations() as seen:
+        _chunks(h, w, t, rows, dtype)
+    per_chunk = [op for (op, out, _), ins in zip(seen.seen, seen.inputs)
+                 if op not in NOT_PASSES and ((rows, V) in ins or out == (rows, V))]
+    assert per_chunk == passes * 3  # 3 chunks of 10 rows (and one of 7)
+
+
+def test_the_compiled_graph_holds_one_loss_op_whatever_the_chunks():
+    """Under torch.compile the chunk loop is one custom op: the graph has no chunk's matmul, 37 chunks or 1."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    h, w, t = _inputs()
+    for rows in (1, N):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda h, w, t, rows=rows: linear_cross_entropy(h, w, t, rows=rows),
+                                 backend=backend, fullgraph=True)
+        compiled(h, w, t).backward()
+    for gm in graphs:
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert sum("linear_cross_entropy" in x for x in targets) == 1, targets
+        assert not [x for x in targets if "mm" in x or "matmul" in x], targets
+    assert len(graphs) == 2 and len(graphs[0].graph.nodes) == len(graphs[1].graph.nodes)
+
+
+@pytest.mark.parametrize("grads", [True, False])
+def test_opcheck_of_the_loss_op(grads):
+    """torch.library's own checks: schema (no hidden mutation or aliasing), fake tensors, autograd registration,
+    AOT dispatch with dynamic shapes."""
+    h, w, t = _inputs()
+    args = (h.detach().requires_grad_(grads), w.detach().requires_grad_(grads), t, -100, 10, torch.float32, "mean",
+            grads)
+    result = torch.library.opcheck(torch.ops.mhmoe.linear_cross_entropy.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_float32_out_matmuls_where_torch_has_them():
+    """CPU (torch 2.13) has no 16-bit -> float32 matmul: the cast path, checked above. CUDA: see the next test."""
+    assert float32_out_matmuls(torch.device("cpu")) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("rows", [7, "auto"])
+def test_cuda_bf16_autocast_takes_the_float32_out_matmuls_within_tolerance(rows):
+    """On CUDA in bf16 the logits come out of cuBLAS in float32 and dL/dW accumulates in place in float32
+    (torch.mm / addmm with out_dtype): the same loss and gradients as the full logits, within bf16's tolerance."""
+    dev = torch.device("cuda")
+    assert float32_out_matmuls(dev), "torch on this GPU lacks mm/addmm(out_dtype=float32): the slower cast path"
+    h, w, t = (x.to(dev).detach().requires_grad_(x.requires_grad) for x in _inputs())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = _loss_and_grads(_reference, h, w, t)
+        got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=rows), h, w, t)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_scaled(got[1], want[1], 2e-2, "dh")
+    assert_close_scaled(got[2], want[2], 2e-2, "dW")
 
 
 def test_double_backward_is_refused():
