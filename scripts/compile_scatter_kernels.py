@@ -40,7 +40,13 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mhmoe.layers import scatter_kernels as sk  # noqa: E402
-from mhmoe.layers.scatter_configs import MAX_SPILL, SM90_SMEM_BYTES, build_problems, prune, rejection  # noqa: E402,E501
+from mhmoe.layers.scatter_configs import (  # noqa: E402
+    MAX_SPILL,
+    SM90_SMEM_BYTES,
+    build_problems,
+    prune,
+    rejection,
+)
 
 TYPES = {"bfloat16": "bf16", "float32": "fp32"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -18,9 +18,9 @@ float32 (num_stages - 1) and for group_xty's loop over an expert's rows (two sta
 compiler by scripts/compile_scatter_kernels.py, which builds every config this keeps and fails on any build over
 the budget. The epilogues reuse the pipeline's buffers.
 
-The budget is the device's opt-in maximum per block (what Triton checks at load: `max_shared_mem`); without a GPU (the compile
-script, the tests), sm_90's: 232,448 bytes (227 KiB, H100/H200). `build_problems` is the compile script's verdict
-on one real build: over the budget, or spilling more than MAX_SPILL bytes of registers.
+The budget is the device's opt-in maximum per block (what Triton checks at load: `max_shared_mem`); without a
+GPU (the compile script, the tests), sm_90's: 232,448 bytes (227 KiB, H100/H200). `build_problems` is the compile
+script's verdict on one real build: over the budget, or spilling more than MAX_SPILL bytes of registers.
 """
 
 from __future__ import annotations
