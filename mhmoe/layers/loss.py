@@ -29,7 +29,8 @@ Under torch.compile: the chunk loop is one torch.library custom op (`mhmoe::line
 graph. Traced as plain ops, the loop unrolled into the graph once per chunk (49 times at the `gpu` preset's
 vocabulary, per micro-batch graph), and inductor compiled each copy: most of the gpu preset's compile time. The op
 keeps the graph whole (fullgraph, no graph break, tests/unit/test_loss.py) and its size independent of N and V;
-its chunks run as the eager code runs them.
+its chunks run as the eager code runs them. Eagerly the same body runs through an autograd.Function instead, so
+that dispatch modes (MemTracker's memory peaks on CPU) see its ops one by one, not the op as one node.
 
 Passes over a chunk's [C, V] float32 buffer in training (the elementwise work is memory-bound: at the gpu preset
 each pass moves 270 MB per chunk): the max, exp(logit - max) in place (2: sub_, exp_), the sum, one in-place
@@ -193,22 +194,41 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.in_dtypes = (h.dtype, w.dtype)
 
 
-def _backward(ctx, grad_loss, _gh, _gw):  # noqa: ANN001, ANN202
+def _gradients(ctx, grad_loss: Tensor | None) -> tuple[Tensor | None, Tensor | None]:  # noqa: ANN001
+    """dL/dh and dL/dW: the gradients the forward saved, scaled by dL/dloss, in the inputs' dtypes."""
     # Grad mode is on in a backward exactly when create_graph=True: the saved gradients have no graph of their own.
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError("linear_cross_entropy: its backward is first-order only (gradients computed in the "
                            "forward); for a double backward compute lm_head logits and F.cross_entropy instead")
     if grad_loss is None:
-        return (None,) * 8
+        return None, None
     grad_h, grad_w = ctx.saved_tensors
-    if grad_h.shape[0] == 0 and grad_w.shape[0] == 0:
-        raise RuntimeError("linear_cross_entropy: its forward computed no gradients (grads=False), so it has no "
-                           "backward; call it with grad mode on and an input that requires grad")
     h_dtype, w_dtype = ctx.in_dtypes
-    return (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None, None, None
+    return (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype)
+
+
+def _backward(ctx, grad_loss, _gh, _gw):  # noqa: ANN001, ANN202
+    return *_gradients(ctx, grad_loss), None, None, None, None, None, None
 
 
 torch.library.register_autograd("mhmoe::linear_cross_entropy", _backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The op's eager twin: the same body and backward, but visible op by op to dispatch modes (torch's MemTracker,
+    which `mhmoe bench` and benchmarks/linear_ce_memory.py measure CPU memory with, sees a custom op's outputs and
+    none of the [C, V] buffers inside it)."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, ignore_index, rows, dtype, reduction, grads):  # noqa: ANN001, ANN205
+        loss, grad_h, grad_w = forward_chunks(h, w, targets, ignore_index, rows, dtype, reduction, grads)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.in_dtypes = (h.dtype, w.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        return *_gradients(ctx, grad_loss), None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
@@ -220,7 +240,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_inde
     device, else in h's dtype; logsumexp and softmax in float32; returns a 0-d float32 tensor. rows: rows per
     chunk ("auto": `chunk_rows`). reduction: "mean" over the non-ignored rows, or "sum". The gradients are computed
     in the forward when grad mode is on and h or weight requires grad, so such a call is meant to be followed by a
-    backward (training); under no_grad (evaluation) it computes the loss alone.
+    backward (training); under no_grad (evaluation) it computes the loss alone. Under torch.compile the custom op
+    `mhmoe::linear_cross_entropy` (one node), eagerly its twin `_Eager`: the same code either way.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -230,6 +251,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_inde
         raise ValueError(f"linear_cross_entropy: {h2.shape[0]} rows of h but {t.shape[0]} targets")
     grads = torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad)
     n = chunk_rows(h2.shape[0], weight.shape[0], rows)
-    loss, _, _ = torch.ops.mhmoe.linear_cross_entropy(h2, weight, t, ignore_index, n, compute_dtype(h2), reduction,
-                                                      grads)
-    return loss
+    if torch.compiler.is_compiling():
+        loss, _, _ = torch.ops.mhmoe.linear_cross_entropy(h2, weight, t, ignore_index, n, compute_dtype(h2),
+                                                          reduction, grads)
+        return loss
+    return _Eager.apply(h2, weight, t, ignore_index, n, compute_dtype(h2), reduction, grads)

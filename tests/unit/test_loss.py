@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import assert_close_scaled
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mhmoe.layers.loss import CHUNK_ELEMENTS, chunk_rows, float32_out_matmuls, forward_chunks, linear_cross_entropy
+from mhmoe.layers.loss import CHUNK_ELEMENTS, chunk_rows, float32_out_matmuls, linear_cross_entropy
 
 N, D, V = 37, 24, 101  # N prime: chunk sizes that do not divide it leave a short last chunk
 
@@ -101,8 +101,7 @@ def test_tied_weights_gradients_add_up():
 
 class _Allocations(TorchDispatchMode):
     """Every aten op: (op name, shapes of its tensor outputs, their dtypes, shapes of its tensor inputs), in order.
-    The loss is one custom op to this mode (it sees ops, not what they run inside): the tests look inside by
-    calling `forward_chunks`, the op's body, under it."""
+    Eagerly the loss runs op by op (`_Eager`); the custom op of torch.compile would be one node here."""
 
     def __init__(self):
         super().__init__()
@@ -122,22 +121,14 @@ class _Allocations(TorchDispatchMode):
         return max((torch.Size(s).numel() for _, s, d in self.seen if dtype is None or d == dtype), default=0)
 
 
-def _chunks(h, w, t, rows, dtype=torch.float32, grads=True):
-    """The op's body, as the op runs it (mean reduction)."""
-    return forward_chunks(h.detach(), w.detach(), t, -100, rows, dtype, "mean", grads)
-
-
 def test_never_allocates_the_full_logits():
     """By construction: no op in the forward or the backward returns a tensor as large as [N, V] (any dtype);
     the largest is one chunk's logits [rows, V] (W's gradient [V, D] is smaller: D < rows here)."""
     h, w, t = _inputs()
     rows = 30
     with _Allocations() as seen:
-        _chunks(h, w, t, rows)
-    assert seen.largest() == rows * V < N * V
-    with _Allocations() as seen:  # the op's outputs and its backward: the saved gradients scaled
         linear_cross_entropy(h, w, t, rows=rows).backward()
-    assert seen.largest() == V * D < rows * V
+    assert seen.largest() == rows * V < N * V
     with _Allocations() as control:  # the hook sees the reference's [N, V] float32 logits
         _reference(h, w, t).backward()
     assert control.largest(torch.float32) >= N * V
@@ -146,17 +137,27 @@ def test_never_allocates_the_full_logits():
 def test_no_grad_computes_no_gradients():
     """Under no_grad (evaluation) the forward does the loss alone: one matmul per chunk, nothing saved."""
     h, w, t = _inputs()
-    with torch.no_grad():
+    with torch.no_grad(), _Allocations() as seen:
         loss = linear_cross_entropy(h, w, t, rows=10)
     torch.testing.assert_close(loss, _reference(h, w, t).detach(), rtol=1e-5, atol=1e-6)
-    with _Allocations() as seen:
-        _, grad_h, grad_w = _chunks(h, w, t, 10, grads=False)  # what the op runs under no_grad
     matmuls = [(op, s) for op, s, _ in seen.seen if op in ("mm", "addmm", "addmm_", "matmul")]
     assert matmuls == [("mm", (10, V))] * 3 + [("mm", (7, V))]  # the logits of each chunk, no gradient matmul
-    assert grad_h.shape == grad_w.shape == (0, D)
     with _Allocations() as seen:
-        _chunks(h, w, t, 10)  # grad mode: dh and dW of each chunk as well
+        linear_cross_entropy(h, w, t, rows=10)  # grad mode: dh and dW of each chunk as well
     assert sum(op in ("mm", "addmm_") for op, _, _ in seen.seen) == 3 * 4
+
+
+def test_the_compiled_op_and_the_eager_path_agree_bit_for_bit():
+    """The custom op (what torch.compile runs) and the eager autograd.Function run the same body."""
+    h, w, t = _inputs()
+    eager = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=7), h, w, t)
+
+    def op(h, w, t):
+        loss, _, _ = torch.ops.mhmoe.linear_cross_entropy(h, w, t, -100, 7, torch.float32, "mean", True)
+        return loss
+
+    for a, b in zip(eager, _loss_and_grads(op, h, w, t)):
+        assert torch.equal(a, b)
 
 
 # Not a pass over [C, V]: the matmuls, the reads and writes of the targets' column, and views.
@@ -172,10 +173,10 @@ NOT_PASSES = ("mm", "addmm", "addmm_", "gather", "scatter_add_", "permute", "t",
 def test_the_elementwise_passes_over_a_chunk(dtype, passes):
     """The memory-bound work of a training chunk: every op other than the matmuls that reads or writes a [C, V]
     tensor, in order. Fewer passes is the point (module docstring): a divide and a multiply became one multiply."""
-    h, w, t = _inputs()
+    h, w, t = _inputs(dtype)
     rows = 10
     with _Allocations() as seen:
-        _chunks(h, w, t, rows, dtype)
+        linear_cross_entropy(h, w, t, rows=rows)
     per_chunk = [op for (op, out, _), ins in zip(seen.seen, seen.inputs)
                  if op not in NOT_PASSES and ((rows, V) in ins or out == (rows, V))]
     assert per_chunk == passes * 3  # 3 chunks of 10 rows (and one of 7)
