@@ -2,7 +2,7 @@
 # The GPU check: one prepared run for one CUDA GPU (H100/H200 class) that fits in one 10-minute call.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
-#   bash benchmarks/gpu_check.sh --cpu-dry-run   # the same plumbing on CPU at toy sizes (3-5 minutes)
+#   bash benchmarks/gpu_check.sh --cpu-dry-run   # the same plumbing on CPU at toy sizes (about 2 minutes)
 #
 # Steps, each under its own `timeout` and run whatever the previous one returned. The whole check ends within
 # TOTAL_S = 570 s: a step's limit is its planned seconds cut to what is left of TOTAL_S (less 60 s kept for the
@@ -90,8 +90,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MHMOE_PEAK_TFLOPS="$PEAK"
 
 if [ "$DRY_RUN" = 1 ]; then
-    # Seconds planned per step (ceilings for a loaded 2-core machine; 3-5 minutes in all on an idle one), then the
-    # arguments that make each step small enough for a CPU. No peak-memory passes: MemTracker is slow on a CPU.
+    # Seconds planned per step (ceilings for a loaded 2-core machine, which took 99 s in all on 2026-12-07), then
+    # the arguments that make each step small enough for a CPU. No peak-memory passes: MemTracker is slow on a CPU.
     T_LAYERS=120; T_TRAIN=150; T_FALLBACK=120; T_9MIN=120; T_TESTS=150; T_COMPILED=150
     LAYERS_ARGS=(--device cpu --dtypes float32 --tokens 64 --dim 96 --hidden-dim 256 --num-experts 4
                  --impls auto,grouped_mm,sorted --max-seconds 3 --no-memory)
