@@ -1,7 +1,8 @@
 """dispatch="scatter" (mhmoe/layers/scatter_experts.py, scatter_kernels.py).
 
 The Triton kernels run in Triton's interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 before mhmoe is
-imported when there is no GPU; on a GPU the same tests run the compiled kernels on CUDA tensors). Each fast path
+imported when there is no GPU; on a GPU the same tests run the compiled kernels on CUDA tensors, each on the first
+config its pruner keeps: `_one_config_per_kernel_on_a_gpu`). Each fast path
 is checked against a slow reference kept here (`slow_experts`: one (sub-)token and one choice at a time, in
 float64, gradients by autograd) and the whole layer against tests/reference.py:
   * the five kernels composed as the ops compose them, forward and every gradient, float32 and bfloat16 I/O,
@@ -41,6 +42,24 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndi
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}  # of the reference's largest |value| (seen: 4e-7, 7e-3)
+AUTOTUNED = (sk._swiglu_up_kernel, sk._scatter_mm_kernel, sk._swiglu_down_bwd_kernel, sk._group_xty_kernel)
+
+
+def first_kept(prune):  # noqa: ANN001, ANN201
+    """An autotuner's early_config_prune that keeps only the first config `prune` keeps."""
+    return lambda configs, nargs, **consts: prune(configs, nargs, **consts)[:1]
+
+
+@pytest.fixture(autouse=True)
+def _one_config_per_kernel_on_a_gpu(monkeypatch):
+    """On a GPU each kernel here runs the first config its pruner keeps for the dtype, not all of them: the tests
+    check what the kernels compute, and each tiny test shape would otherwise compile and time every config of each
+    kernel variant (minutes in all; the GPU check has 90 s for its tests). Which config wins at real shapes is the
+    benchmark's business, and `mhmoe bench layers` checks every implementation against the sorted path before it
+    times it. Under the interpreter every kernel has one config already."""
+    if DEV.type == "cuda":
+        for kernel in AUTOTUNED:
+            monkeypatch.setattr(kernel, "early_config_prune", first_kept(kernel.early_config_prune))
 NAMES = ("y", "x", "weights", "w1", "w3", "w2")
 
 # name: (N, Din, F, E, K, experts that receive rows, capacity per expert or None)
@@ -385,6 +404,24 @@ def test_auto_picks_scatter_on_cuda_in_16_bit_when_triton_imports(monkeypatch):
     monkeypatch.setattr(se, "TRITON_AVAILABLE", False)
     assert resolve_dispatch("auto", cuda, 256, 512, torch.bfloat16) == "grouped_mm"
     assert resolve_dispatch("auto", cuda, 256, 512, torch.float32) == "sorted"
+
+
+def test_the_tests_gpu_config_is_the_first_that_fits_the_dtype():
+    """What `_one_config_per_kernel_on_a_gpu` leaves each kernel on a GPU: one config, and one the pruner keeps for
+    the dtype (fp32's first config would need 256 KiB of shared memory in the dx launch)."""
+    import triton
+
+    from mhmoe.layers.scatter_configs import prune, smem_bytes
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+               for m, n, k, w, st in sk.ROW_CONFIGS]
+    for dtype in (torch.float32, torch.bfloat16):
+        nargs = {"a1_ptr": torch.empty(0, dtype=dtype)}
+        got = first_kept(sk._scatter_mm_kernel.early_config_prune)(configs, nargs, TWO=True, SCALE=False)
+        assert got == prune(sk.MM_TILES, configs, nargs, TWO=True)[:1] and len(got) == 1
+        c = got[0]
+        assert smem_bytes(sk.MM_TILES, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                          {"TWO": True}, dtype.itemsize) <= 232_448
 
 
 def test_config_accepts_scatter_at_any_width_and_names_the_field_on_a_typo():
