@@ -30,9 +30,9 @@
 #                                     gpu-9min --data-root DIR --out packs/gpu-9min` and carry it): the measured
 #                                     time per run and the 15-run matrix extrapolated from it;
 #   7. tests           90 s /  ~60 s  a targeted subset (TESTS below): the bf16 scatter-kernel tests in one xdist
-#                                     worker (they compile and autotune), their configs, the chunked loss on CUDA,
-#                                     profiling and its labels under compile, compile without graph breaks, the
-#                                     experts' dispatches, the bench and this check's summary;
+#                                     worker (they compile; one config per kernel), their configs, the chunked
+#                                     loss on CUDA, profiling and its labels under compile, compile without graph
+#                                     breaks, the experts' dispatches, the bench and this check's summary;
 #   8. bench_train_compiled           the rest of the budget (at most 300 s): `mhmoe bench train` with the preset's
 #                     rest / all      compile mode (or $COMPILE), the models in the order smoe, mhmoe-h3, dense,
 #                                     fine-grained, mhmoe-h2, each compiled and timed alone before the next is
@@ -115,7 +115,7 @@ else
                    --compile "${COMPILE:-preset}")
     FALLBACK_ARGS=(--device cuda --preset gpu --expect "${EXPECT:-scatter}")
     # The scatter-kernel tests in bf16 (what dispatch="auto" runs on CUDA; fp32's are the CPU suite's) and in one
-    # xdist worker (--dist loadgroup, xdist_group "triton-kernels"): each kernel compiles and autotunes once.
+    # xdist worker (--dist loadgroup, xdist_group "triton-kernels"): each kernel variant compiles once.
     TESTS=(tests/unit/test_scatter_configs.py tests/unit/test_loss.py tests/unit/test_profiling.py
            tests/unit/test_compile.py tests/unit/test_experts.py tests/unit/test_sorted_experts.py
            tests/e2e/test_gpu_check.py tests/e2e/test_bench.py
