@@ -134,17 +134,20 @@ def _chunk(hs: Tensor, wc: Tensor, ts: Tensor, ws: Tensor, dtype: torch.dtype, g
 @functools.lru_cache(maxsize=None)
 def float32_out_matmuls(device: torch.device) -> bool:
     """Whether torch has the 16-bit x 16-bit -> float32 matmuls on `device` (mm and in-place addmm with
-    out_dtype=float32: CUDA's cuBLAS in torch >= 2.8; not CPU in 2.13), checked once per device on a tiny product
-    against float32 arithmetic, in-place accumulation included."""
-    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device).to(torch.bfloat16)  # exact in bfloat16
-    acc = torch.full((2, 2), 0.5, device=device)
+    out_dtype=float32: CUDA's cuBLAS in recent torch; not CPU in 2.13; older CUDA builds refuse a float32 `self`
+    in addmm), checked once per device on tiny products laid out as `_chunk` calls them (a transposed second
+    operand for the logits, a transposed first one for dL/dW), against float32 arithmetic, the in-place
+    accumulation included. Any refusal means the cast path."""
+    a = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], device=device).to(torch.bfloat16)  # [2, 3], exact in bf16
+    acc = torch.full((3, 3), 0.5, device=device)
     try:
-        prod = torch.mm(a, a, out_dtype=torch.float32)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        prod = torch.mm(a, a.T, out_dtype=torch.float32)  # [2, 2]: hs @ wc.T
+        torch.addmm(acc, a.T, a, out_dtype=torch.float32, out=acc)  # [3, 3]: grad_w += g.T @ hs
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-    want = a.float() @ a.float()
-    return prod.dtype == torch.float32 and torch.equal(prod, want) and torch.equal(acc, want + 0.5)
+    af = a.float()
+    return (prod.dtype == acc.dtype == torch.float32 and torch.equal(prod, af @ af.T)
+            and torch.equal(acc, af.T @ af + 0.5))
 
 
 def _logits_float32(hs: Tensor, wc: Tensor) -> Tensor:

@@ -215,8 +215,48 @@ def test_opcheck_of_the_loss_op(grads):
 
 
 def test_float32_out_matmuls_where_torch_has_them():
-    """CPU (torch 2.13) has no 16-bit -> float32 matmul: the cast path, checked above. CUDA: see the next test."""
+    """CPU (torch 2.13) has no 16-bit -> float32 matmul: the cast path, checked above. CUDA: see the last test."""
     assert float32_out_matmuls(torch.device("cpu")) is False
+
+
+def _emulate_float32_out(monkeypatch, accumulate=True):
+    """torch.mm / torch.addmm with out_dtype=float32 on CPU as cuBLAS computes them: float32 products of the 16-bit
+    operands, no 16-bit rounding of the result (accumulate=False: an addmm that ignores its `out`)."""
+    mm, addmm = torch.mm, torch.addmm
+
+    def mm32(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return mm(a, b) if out is None else mm(a, b, out=out)
+        return mm(a.float(), b.float())
+
+    def addmm32(c, a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return addmm(c, a, b) if out is None else addmm(c, a, b, out=out)
+        return addmm(c, a.float(), b.float(), out=out) if accumulate else addmm(c, a.float(), b.float())
+
+    monkeypatch.setattr(torch, "mm", mm32)
+    monkeypatch.setattr(torch, "addmm", addmm32)
+    float32_out_matmuls.cache_clear()
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_the_float32_out_path_on_an_emulated_device(monkeypatch, accumulate):
+    """The CUDA path's code on CPU, with the float32-output matmuls emulated: the probe takes them (and refuses an
+    addmm that does not accumulate in place), and the bf16 loss and gradients equal the full logits' within bf16's
+    tolerance, though not bit for bit those of the cast path (the logits are no longer rounded to bf16)."""
+    h, w, t = _inputs(torch.bfloat16)
+    cast = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=7), h, w, t)
+    _emulate_float32_out(monkeypatch, accumulate)
+    try:
+        assert float32_out_matmuls(torch.device("cpu")) is accumulate
+        got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=7), h, w, t)
+    finally:
+        float32_out_matmuls.cache_clear()
+    want = _loss_and_grads(_reference, h, w, t)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_scaled(got[1], want[1], 2e-2, "dh")
+    assert_close_scaled(got[2], want[2], 2e-2, "dW")
+    assert torch.equal(got[0], cast[0]) is not accumulate  # the emulated path ran exactly when the probe said so
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_check.sh)")
