@@ -2,11 +2,11 @@
 shuffled rounds, sampled until the per-round comparisons' intervals are narrow (stats.py); optionally a profile of a
 few steps per variant (profile.py).
 
-The order is the order of what a cut-off run keeps (a time limit, a killed process): each model is built, warmed
-up (compiled, when compiling) and timed alone for SOLO_STEPS steps before the next one is built, and its record
-reaches `progress` at once (`timing: "alone"`: tokens/s and MFU, no comparison); then the shuffled rounds of all of
-them, whose records (`timing: "rounds"`, the paired comparisons) reach `progress` at each look at the intervals;
-the profile comes last."""
+The work is ordered so that a run cut off (a time limit, a killed process) keeps the most: each model is built,
+warmed up (compiled, when compiling) and timed alone for ALONE_STEPS steps before the next one is built, and its
+record reaches `progress` at once (`timing: "alone"`: tokens/s and MFU, no comparison); then the shuffled rounds of
+all of them, whose records (`timing: "rounds"`, the paired comparisons) reach `progress` at each look at the
+intervals; the profile comes last."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from mhmoe.training.step import train_step
 # `--compile`: "preset" = as `mhmoe train` runs the preset (its TrainConfig.compile), or a TrainConfig.compile mode.
 COMPILE_MODES = ("preset", "auto", "off", "on", "cudagraphs")
 # Steps of each model timed alone after its warm-up (the median of 3 is robust to one slow step).
-SOLO_STEPS = 3
+ALONE_STEPS = 3
 Progress = Callable[[list[dict], dict], None]  # (the records so far, what stage they come from)
 
 
@@ -117,14 +117,14 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None],
             resolved[key] = resolve_compile(cfg, device)
             steps[key] = training_step(cfg, model, net, device, args.seed, resolved[key])
             info[key] = (cfg, model)
-            # Warm-up (and compilation: a second step catches the recompiles of step 2), then SOLO_STEPS alone.
+            # Warm-up (and compilation: a second step catches the recompiles of step 2), then ALONE_STEPS alone.
             t = time.perf_counter()
             for _ in range(2 if resolved[key] != "off" else 1):
                 steps[key]()
             if sync is not None:
                 sync()
             warmup_s[key] = time.perf_counter() - t
-            ts = [_timed(steps[key], sync) for _ in range(SOLO_STEPS)]
+            ts = [_timed(steps[key], sync) for _ in range(ALONE_STEPS)]
             alone.append(_alone_record(key, cfg, ts, resolved[key], warmup_s[key], args.peak))
             log(f"[train] {key}: warm-up {warmup_s[key]:.1f} s, then {statistics.median(ts) * 1e3:.1f} ms/step "
                 f"alone ({len(alone)}/{len(keys)})")
