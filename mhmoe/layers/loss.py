@@ -26,9 +26,9 @@ runs on CPU, where this project's runs and tests happen, and neither is a depend
 have no network). This is plain torch, the same code on CPU and CUDA.
 
 Under torch.compile: the chunk loop is one torch.library custom op (`mhmoe::linear_cross_entropy`), opaque to the
-graph. Traced as plain ops, the loop unrolled into the graph once per chunk (49 times at the `gpu` preset's
-vocabulary, per micro-batch graph), and inductor compiled each copy: most of the gpu preset's compile time. The op
-keeps the graph whole (fullgraph, no graph break, tests/unit/test_loss.py) and its size independent of N and V;
+graph. Traced as plain ops, the loop unrolled into the graph once per chunk (49 times per micro-batch graph at the
+`gpu` preset's vocabulary) for inductor to compile copy by copy, one reason the GPU check's compiled benchmark ran
+out of time (issue 27); unmeasured how much of it. The op keeps the graph whole (fullgraph, no graph break, tests/unit/test_loss.py) and its size independent of N and V;
 its chunks run as the eager code runs them. Eagerly the same body runs through an autograd.Function instead, so
 that dispatch modes (MemTracker's memory peaks on CPU) see its ops one by one, not the op as one node.
 
