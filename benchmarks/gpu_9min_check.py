@@ -7,7 +7,9 @@ the estimate of benchmarks/estimate_gpu_time.py, and the matrix's time extrapola
 
 The pack is built beforehand where the corpora are (`mhmoe data pack --preset gpu-9min --data-root DIR --out
 packs/gpu-9min`) and carried to the GPU machine. Run directories go to a temporary folder (their checkpoints are
-large); the JSON keeps each run's wall time, tokens/s and losses.
+large); the JSON keeps each run's wall time, tokens/s and losses. It is rewritten (atomically) after each run, with
+the matrix's estimate from the runs so far and `complete` (false until the last run is in): a check cut off in the
+second run keeps the first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from mhmoe.bench.mfu import run_throughput
 from mhmoe.data.pack import is_pack
+from mhmoe.fileio import atomic_write_text
 from mhmoe.reproduction.reproduce import execute, plan
 from mhmoe.training.presets import PAPER_VARIANTS
 
@@ -43,7 +46,7 @@ def main() -> int:
         return 2
     models = [m for m in args.models.split(",") if m]
     runs = plan(args.preset, [1], 1, args.set, models)
-    out: dict = {"preset": args.preset, "pack": str(args.pack), "runs": {}}
+    out: dict = {"preset": args.preset, "pack": str(args.pack), "models": models, "runs": {}, "complete": False}
     with tempfile.TemporaryDirectory() as tmp:
         for r in runs:
             t0 = time.perf_counter()
@@ -58,12 +61,13 @@ def main() -> int:
                               for col, ev in info["evals"].items()}}
             print(f"{r.row.variant}: {wall:.1f} s in all ({info['wall_s']:.1f} s training), "
                   f"{thr['tok_per_s'] or 0:,.0f} tokens/s", flush=True)
-    walls = [v["wall_s"] for v in out["runs"].values()]
-    # The timed models bracket the others in FLOPs and speed (fastest and slowest MoE): their mean per run times
-    # the matrix's runs, run one after another.
-    out["matrix_estimate_s"] = round(statistics.fmean(walls) * SEEDS * len(PAPER_VARIANTS), 1)
+            walls = [v["wall_s"] for v in out["runs"].values()]
+            # The timed models bracket the others in FLOPs and speed (fastest and slowest MoE): their mean per run
+            # times the matrix's runs, run one after another (from the runs so far until the last is in).
+            out["matrix_estimate_s"] = round(statistics.fmean(walls) * SEEDS * len(PAPER_VARIANTS), 1)
+            out["complete"] = len(out["runs"]) == len(runs)
+            atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     print(f"Table 1 x {SEEDS} seeds, one run after another: about {out['matrix_estimate_s'] / 60:.1f} minutes")
-    Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

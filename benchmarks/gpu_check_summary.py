@@ -3,14 +3,19 @@
     python benchmarks/gpu_check_summary.py OUT
 
 It reads what the steps left (steps.tsv, logs/: versions.log, tests.log, fallback.json, bench_layers.json,
-bench_train.json; profile/profile.json) and tolerates any of them missing or cut short: a failed step is reported
-with its exit code, never skipped silently, and an acceptance line whose data is missing says "not measured".
+bench_train.json, bench_train_compiled.json, gpu9min.json; profile/profile.json) and tolerates any of them missing
+or cut short: a failed step is reported with its exit code, never skipped silently; the JSON a step wrote as it
+went is read as far as it got, and "What finished" says how far that was (a bench's meta.progress, gpu9min's
+complete); an acceptance line whose data is missing says "not measured". The budget table puts each step's
+planned seconds against its limit (the plan cut to what was left) and the seconds it used.
 
 Acceptance lines (`ACCEPTANCE`), each PASS, FAIL or not measured; a line with an interval is judged on its median
 and says when the interval straddles the target:
   * MFU of each Table 1 model in `mhmoe bench train` against the check's peak (989 TFLOP/s unless
-    MHMOE_PEAK_TFLOPS says otherwise): dense >= 30%, the MoE models >= 25%;
-  * MH-MoE h=3's tokens/s x SMoE's (whole model, same rounds) >= 0.95;
+    MHMOE_PEAK_TFLOPS says otherwise): dense >= 30%, the MoE models >= 25%; judged on the compiled run (as
+    `mhmoe train` runs the gpu preset) where it reached the model, else on the eager one, the note says which;
+  * MH-MoE h=3's tokens/s x SMoE's (whole model, same rounds) >= 0.95: the compiled run's when its rounds ran,
+    else the eager run's;
   * layer table, fwd+bwd, each layer on what dispatch="auto" picks: h=3 / SMoE time <= 1.15 and SMoE / dense FFN
     time <= 1.6;
   * the fastest of transformers' blocks (fwd+bwd) against our SMoE on auto: its time ratio's interval is not
@@ -40,17 +45,23 @@ MOE_MFU_MIN = 0.25
 H3_TOK_S_MIN = 0.95
 LAYER_H3_MAX = 1.15
 LAYER_SMOE_DENSE_MAX = 1.6
+TOTAL_S = 570  # the check's whole budget (gpu_check.sh)
 
 
 def _steps(out: Path) -> list[dict]:
+    """steps.tsv's rows by its header: step, exit_code, planned_s, limit_s, used_s, log."""
     rows = []
     path = out / "steps.tsv"
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for line in lines[1:]:
-            name, rc, seconds, log = (line.split("\t") + ["", "", "", ""])[:4]
-            rows.append({"step": name, "exit_code": int(rc) if rc.lstrip("-").isdigit() else None,
-                         "seconds": int(seconds) if seconds.isdigit() else None, "log": log})
+    if not path.is_file():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    head = lines[0].split("\t") if lines else []
+    for line in lines[1:]:
+        cells = dict(zip(head, line.split("\t")))
+        num = lambda key: int(cells[key]) if cells.get(key, "").lstrip("-").isdigit() else None  # noqa: E731
+        rows.append({"step": cells.get("step", ""), "exit_code": num("exit_code"), "planned_s": num("planned_s"),
+                     "limit_s": num("limit_s"), "used_s": num("used_s"),
+                     "log": cells.get("log", "")})
     return rows
 
 
@@ -91,19 +102,21 @@ def _layers(logs: Path) -> dict | None:
             "frac_of_gemm_ci", "rounds", "target_reached", "peak_mem_mb")
     meta = data.get("meta", {})
     return {"meta": {k: meta.get(k) for k in ("gpu", "torch", "cuda", "tokens", "dim", "hidden_dim", "peak_tflops",
-                                              "sampling", "target_reached", "gemm_gflops")},
+                                              "sampling", "target_reached", "gemm_gflops", "progress")},
             "records": [{k: r.get(k) for k in keep} for r in data.get("records", [])]}
 
 
-def _train(logs: Path) -> dict | None:
-    data = _json(logs / "bench_train.json")
+def _train(path: Path) -> dict | None:
+    """A `mhmoe bench train --json-out` file (the eager or the compiled run), as far as it got."""
+    data = _json(path)
     if data is None:
         return None
-    keep = ("variant", "dtype", "compile", "tokens_per_step", "micro_batch", "accum", "median_ms", "tok_per_s",
-            "gflops", "mfu", "ratio_to_smoe", "ratio_ci", "tok_s_x_smoe", "tok_s_x_smoe_ci", "rounds", "warmup_s",
-            "peak_mem_mb")
+    keep = ("variant", "dtype", "compile", "timing", "tokens_per_step", "micro_batch", "accum", "median_ms",
+            "alone_ms", "tok_per_s", "gflops", "mfu", "ratio_to_smoe", "ratio_ci", "tok_s_x_smoe", "tok_s_x_smoe_ci",
+            "rounds", "warmup_s", "peak_mem_mb")
     meta = data.get("meta", {})
-    return {"meta": {k: meta.get(k) for k in ("preset", "sampling", "peak_tflops", "gemm_gflops", "wall_s")},
+    return {"meta": {k: meta.get(k) for k in ("preset", "sampling", "peak_tflops", "gemm_gflops", "wall_s",
+                                              "compile", "progress")},
             "records": [{k: r.get(k) for k in keep} for r in data.get("records", [])]}
 
 
@@ -129,21 +142,31 @@ def _straddles(ci: list | None, threshold: float) -> str:
     return "interval straddles the target" if ci and ci[0] <= threshold <= ci[1] else ""
 
 
-def acceptance(layers: dict | None, train: dict | None, fallback: dict | None, peak: float | None) -> list[dict]:
-    """The acceptance lines (module docstring)."""
+def acceptance(layers: dict | None, train: dict | None, fallback: dict | None, peak: float | None,
+               compiled: dict | None = None) -> list[dict]:
+    """The acceptance lines (module docstring): `train` is the eager bench_train, `compiled` the compiled one."""
     lines = []
-    recs = {r["variant"]: r for r in (train or {}).get("records", [])}
+    eager = {r["variant"]: r for r in (train or {}).get("records", [])}
+    comp = {r["variant"]: r for r in (compiled or {}).get("records", [])}
     for v in PAPER_VARIANTS:
         floor = MFU_MIN.get(v, MOE_MFU_MIN)
-        r = recs.get(v)
+        r, note = comp.get(v), ""
+        if r is not None:
+            note = f"compiled ({r.get('compile')}), {'timed alone' if r.get('timing') == 'alone' else 'rounds'}"
+        else:
+            r = eager.get(v)
+            note = "eager: " + ("the compiled run did not reach it" if compiled is not None else "no compiled run")
         mfu = None if r is None or r.get("mfu") is None else 100 * r["mfu"]
         lines.append(_line(f"MFU {v} (whole model)", f">= {100 * floor:.0f}% of {peak} TFLOP/s", mfu, None,
-                           None if mfu is None else mfu >= 100 * floor))
-    h3 = recs.get("mhmoe-h3")
+                           None if mfu is None else mfu >= 100 * floor, note if mfu is not None else ""))
+    h3, source = comp.get("mhmoe-h3"), "compiled"
+    if h3 is None or h3.get("tok_s_x_smoe") is None:  # the compiled run's rounds did not run: the eager one's
+        h3, source = eager.get("mhmoe-h3"), "eager"
     v = None if h3 is None else h3.get("tok_s_x_smoe")
     ci = None if h3 is None else h3.get("tok_s_x_smoe_ci")
     lines.append(_line("mhmoe-h3 tokens/s x SMoE (whole model)", f">= {H3_TOK_S_MIN}", v, ci,
-                       None if v is None else v >= H3_TOK_S_MIN, _straddles(ci, H3_TOK_S_MIN)))
+                       None if v is None else v >= H3_TOK_S_MIN,
+                       "; ".join(filter(None, (source if v is not None else "", _straddles(ci, H3_TOK_S_MIN))))))
     auto = {r["variant"]: r for r in (layers or {}).get("records", []) if r.get("mode") == "fwd+bwd" and r.get("auto")}
     for name, variant, key, target in (("layer mhmoe-h3 / SMoE time (fwd+bwd, auto)", "mhmoe-h3", "ratio_to_smoe_auto",
                                         LAYER_H3_MAX),
@@ -189,10 +212,9 @@ def markdown(summary: dict) -> str:
              f"git {v.get('git', '?')[:12]}",
              f"- peak for MFU {summary['peak_tflops']} TFLOP/s" + (" (CPU dry run: no figure here is a GPU figure)"
                                                                    if dry else ""),
-             f"- tests: {summary['tests']}", "", "| step | exit | seconds | note |", "|---|---:|---:|---|"]
-    for s in summary["steps"]:
-        rc = s["exit_code"]
-        lines.append(f"| {s['step']} | {rc} | {s['seconds']} | {NOTES.get(rc, 'failed')} |")
+             f"- tests: {summary['tests']}"]
+    lines += _budget_md(summary["steps"])
+    lines += ["", "## What finished", ""] + [f"- {line}" for line in summary["finished"]]
     lines += ["", "## Acceptance", "", "| check | target | measured [95% CI] | verdict | note |",
               "|---|---|---:|---|---|"]
     for a in summary["acceptance"]:
@@ -204,7 +226,8 @@ def markdown(summary: dict) -> str:
     lines += ["", "## Fallback check", ""]
     lines += ["no fallback.json (see the fallback log)"] if fb is None else [f"- {r['line']}" for r in fb["variants"]]
     lines += _layer_md(summary["bench_layers"], summary["before"]["layers"])
-    lines += _train_md(summary["bench_train"], summary["before"]["train"])
+    lines += _train_md(summary["bench_train"], summary["before"]["train"], "eager")
+    lines += _train_md(summary.get("bench_train_compiled"), {}, "compiled")
     lines += _nine_md(summary.get("gpu9min"))
     prof = summary["profile"]
     lines += ["", "## Profile (mhmoe bench train --profile)", ""]
@@ -241,23 +264,86 @@ def _layer_md(bench: dict | None, before: dict) -> list[str]:
     return out
 
 
-def _train_md(bench: dict | None, before: dict) -> list[str]:
+def _train_md(bench: dict | None, before: dict, which: str) -> list[str]:
+    name = "bench_train.json" if which == "eager" else "bench_train_compiled.json"
     if bench is None:
-        return ["", "## Whole model: no bench_train.json (see its log)"]
+        return ["", f"## Whole model, {which}: no {name} (see its log)"]
     m = bench["meta"]
     s = (m.get("sampling") or {}).get("train", {})
-    out = ["", f"## Whole model (`mhmoe bench train`, preset {m.get('preset')}; {s.get('rounds')} timed steps each, "
-           f"shuffled rounds)", "",
-           "before = 2026-12-04, `mhmoe train` seed 0 (eager, one micro-batch per step; benchmarks/RESULTS.md).", "",
-           "| model | compile | tokens/step | ms/step | tokens/s | MFU | tokens/s x SMoE [95% CI] | before tokens/s "
-           "(MFU) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    timing = (f"{s.get('rounds')} timed steps each, shuffled rounds" if s else
+              "each model timed alone (3 steps after its warm-up); the shuffled rounds did not run")
+    out = ["", f"## Whole model, {which} (`mhmoe bench train`, preset {m.get('preset')}; {timing})", "",
+           "ms/step alone = the median of the 3 steps each model ran alone right after its warm-up. "
+           + ("before = 2026-12-04, `mhmoe train` seed 0 (eager, one micro-batch per step; benchmarks/RESULTS.md)."
+              if before else ""), "",
+           "| model | compile | tokens/step | warm-up s | ms/step alone | ms/step | tokens/s | MFU | "
+           "tokens/s x SMoE [95% CI] | before tokens/s (MFU) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in bench["records"]:
         b = before.get(r["variant"])
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         was = "-" if b is None else f"{b['tok_per_s']:,.0f} ({100 * b['mfu']:.1f}%)"
+        alone = r["median_ms"] if r.get("timing") == "alone" else r.get("alone_ms")
+        rounds = None if r.get("timing") == "alone" else r["median_ms"]
         out.append(f"| {r['variant']} | {r.get('compile')} | {r['tokens_per_step']:,} | "
-                   f"{_fmt(r['median_ms'], '.1f')} | {_fmt(r['tok_per_s'], ',.0f')} | {_fmt(mfu, '.1f')}% | "
-                   f"{_ci(r.get('tok_s_x_smoe'), r.get('tok_s_x_smoe_ci'), '.3f')} | {was} |")
+                   f"{_fmt(r.get('warmup_s'), '.1f')} | {_fmt(alone, '.1f')} | {_fmt(rounds, '.1f')} | "
+                   f"{_fmt(r['tok_per_s'], ',.0f')} | "
+                   f"{_fmt(mfu, '.1f')}% | {_ci(r.get('tok_s_x_smoe'), r.get('tok_s_x_smoe_ci'), '.3f')} | {was} |")
+    return out
+
+
+def _budget_md(steps: list[dict]) -> list[str]:
+    """Each step's planned seconds against its limit (the plan cut to what was left) and the seconds it used."""
+    out = ["", "## Budget", "", "| step | exit | planned s | limit s | used s | note |",
+           "|---|---:|---:|---:|---:|---|"]
+    for s in steps:
+        rc = s["exit_code"]
+        cut = s["limit_s"] is not None and s["planned_s"] is not None and s["limit_s"] < s["planned_s"]
+        note = NOTES.get(rc, "failed") + ("; its limit cut to what was left" if cut else "")
+        out.append(f"| {s['step']} | {rc} | {_fmt(s['planned_s'], 'd')} | {_fmt(s['limit_s'], 'd')} | "
+                   f"{_fmt(s['used_s'], 'd')} | {note} |")
+    used = sum(s["used_s"] or 0 for s in steps)
+    planned = sum(s["planned_s"] or 0 for s in steps)
+    out += ["", f"Used {used} s of the check's {TOTAL_S} s (the steps' plans add up to {planned} s; the summary's "
+            "own row and the packing come after this table)."]
+    return out
+
+
+def finished(summary: dict) -> list[str]:
+    """How far each measuring step got, from what it wrote (a step cut off keeps what it finished)."""
+    out = []
+    for key, name in (("bench_layers", "bench_layers"), ("bench_train", "bench_train (eager)"),
+                      ("bench_train_compiled", "bench_train_compiled")):
+        bench = summary.get(key)
+        if bench is None:
+            out.append(f"{name}: nothing written")
+            continue
+        prog = bench["meta"].get("progress") or {}
+        recs = bench["records"]
+        models = ", ".join(dict.fromkeys(r["variant"] for r in recs)) or "none"
+        if prog.get("complete"):
+            what = "complete"
+        elif prog:
+            what = f"cut off at {prog.get('stage')!r}"
+        else:  # a file from before --json-out: printed whole at the end, so complete
+            what = "complete"
+        if key == "bench_layers":
+            rounds = sorted({r["rounds"] for r in recs})
+            out.append(f"{name}: {what}; {len(recs)} records" + (f", {rounds[-1]} rounds" if rounds else ""))
+        else:
+            alone = all(r.get("timing") == "alone" for r in recs) and recs
+            out.append(f"{name}: {what}; models {'timed alone only' if alone else 'timed'}: {models}")
+    nine = summary.get("gpu9min")
+    if nine is None:
+        out.append("gpu9min: nothing written")
+    else:
+        done, planned = list(nine.get("runs", {})), nine.get("models") or list(nine.get("runs", {}))
+        out.append(f"gpu9min: {'complete' if nine.get('complete', True) else 'cut off'}; runs "
+                   f"{', '.join(done) or 'none'} of {', '.join(planned)}")
+    fb = summary.get("fallback")
+    out.append("fallback: nothing written" if fb is None else f"fallback: {len(fb.get('variants', []))} models checked")
+    out.append(f"tests: {summary['tests']}")
+    prof = summary.get("profile")
+    out.append("profile: none" if prof is None else f"profile: {', '.join(prof.get('variants', {}))}")
     return out
 
 
@@ -287,11 +373,13 @@ def main(argv: list[str]) -> int:
         peak = float(versions.get("peak_tflops", ""))
     except ValueError:
         peak = None
-    layers, train, fallback = _layers(logs), _train(logs), _json(logs / "fallback.json")
+    layers, fallback = _layers(logs), _json(logs / "fallback.json")
+    train, compiled = _train(logs / "bench_train.json"), _train(logs / "bench_train_compiled.json")
     summary = {"versions": versions, "peak_tflops": peak, "steps": _steps(out), "tests": _tests(logs),
-               "acceptance": acceptance(layers, train, fallback, peak), "fallback": fallback,
-               "bench_layers": layers, "bench_train": train, "profile": _json(out / "profile" / "profile.json"),
-               "gpu9min": _json(logs / "gpu9min.json")}
+               "acceptance": acceptance(layers, train, fallback, peak, compiled), "fallback": fallback,
+               "bench_layers": layers, "bench_train": train, "bench_train_compiled": compiled,
+               "profile": _json(out / "profile" / "profile.json"), "gpu9min": _json(logs / "gpu9min.json")}
+    summary["finished"] = finished(summary)
     before = {"layers": {}, "train": {}} if versions.get("dry_run") == "1" else _before()  # CPU toys: no before
     summary["before"] = before
     text = markdown(summary)

@@ -13,8 +13,9 @@ For each variant, built at the preset's sizes on --device:
      the autocast): the count of graph breaks must be 0. A dispatch that runs eagerly under torch.compile (the
      sorted path, grouped_mm outside bfloat16) shows up here as a break.
 One line per variant: `PASS <variant>: ...` or `FAIL <variant>: ...`, then `fallback check: PASS|FAIL`.
---expect defaults to "scatter", the fused Triton experts that dispatch="auto" takes on CUDA once they land; until
-then auto resolves to grouped_mm there and the check fails, as it should. --dispatch sets FFNConfig.dispatch of the
+--expect defaults to "scatter", the fused Triton experts that dispatch="auto" takes on CUDA in bf16 (the gpu
+preset's autocast) when Triton imports; in float32 auto takes the cuBLAS-backed sorted path (layers/experts.py), so
+`--dtype float32` fails the check unless it expects sorted. --dispatch sets FFNConfig.dispatch of the
 MoE layers (default: the preset's, "auto"). The dry run of benchmarks/gpu_check.sh uses --device cpu --preset smoke
 --dtype bfloat16 --dispatch grouped_mm --expect grouped_mm (the fullgraph path on CPU).
 """

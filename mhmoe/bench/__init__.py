@@ -1,10 +1,11 @@
 """`mhmoe bench`: the speed of the layer family and of whole-model training, against the peer users would pick.
 
-    mhmoe bench layers [--json] [--tokens 4096] [--dim 768] [--hidden-dim 2048] [--num-experts 8] [--threads 1]
-                       [--dtypes float32,bfloat16] [--impls auto,sorted,grouped_mm,naive,intra-op] [--no-hf]
+    mhmoe bench layers [--json] [--json-out FILE] [--tokens 4096] [--dim 768] [--hidden-dim 2048]
+                       [--num-experts 8] [--threads 1] [--dtypes float32,bfloat16]
+                       [--impls auto,sorted,grouped_mm,naive,intra-op] [--no-hf]
                        [--rounds 6] [--target-ci 0.03] [--max-seconds 300] [--device cpu] [--peak-tflops X]
-    mhmoe bench train  [--json] [--preset tiny] [--variants dense,smoe,...] [--threads 0] [--compile [MODE]]
-                       [--profile DIR] [--profile-variants smoe,...] [--profile-steps 2]
+    mhmoe bench train  [--json] [--json-out FILE] [--preset tiny] [--variants dense,smoe,...] [--threads 0]
+                       [--compile [MODE]] [--profile DIR] [--profile-variants smoe,...] [--profile-steps 2]
                        [--rounds 6] [--target-ci 0.03] [--max-seconds 300] [--device cpu] [--peak-tflops X]
 
 Layers: the paper's five FFNs, FLOPs-matched by the section 2.3 calculator (at d=768: SMoE 8 x 2048 top-1,
@@ -46,10 +47,18 @@ gradient clipping, the routing monitor and the step's one host transfer, then Ad
 tokens/s = tokens_per_step / median step time, `tok_s_x_smoe` its ratio to SMoE's in the same rounds. The tokens
 are drawn on the device (no corpus, no host copy). `--compile` is the preset's compile mode by default (as `mhmoe
 train`), `off`, or `on` (bare `--compile`); `warmup_s` records the untimed warm-up steps (two when compiling, one
-otherwise), which is where the compilation happens. `--profile DIR`: after the warm-up, `--profile-steps` steps of
-each `--profile-variants` variant under torch.profiler, their time split into attention, norms, router, MoE
+otherwise), which is where the compilation happens. Models are built, warmed up and timed alone for 3 steps one
+after another (records with `timing: "alone"`: tokens/s and MFU, no comparison), before the shuffled rounds of all
+of them (`timing: "rounds"`, with `alone_ms`); so a run cut short, or one whose compilation outlasts its time,
+still has the models it reached. `--profile DIR`: after the timing, `--profile-steps` steps of each
+`--profile-variants` variant under torch.profiler, their time split into attention, norms, router, MoE
 permutation, expert GEMMs, dense FFN, head/merge, LM head + loss, optimizer and other (profile.py, with the rules
 for what no label covers): DIR/profile.md, DIR/profile.json, DIR/trace.json.
+
+`--json-out FILE` (both): the JSON of `--json`, written to FILE as the run goes and rewritten atomically after
+each model timed alone, at each look at the intervals, after each dtype and at the end; `meta.progress` says how
+far it got (`stage`) and whether it finished (`complete`). A run killed at any point leaves a valid file with what
+it had measured; stdout is free for whatever a library prints there.
 
 Files: stats.py (rounds, intervals, sampling), layers.py and train.py (what is timed), profile.py (a step's time
 by part), variants.py (the layers and the naive loop), peer.py (transformers' Mixtral block), checks.py (equal

@@ -155,13 +155,16 @@ def layer_ratios(impls: list[Impl], mode: str) -> dict[tuple[str, str, str], dic
     return out
 
 
-def bench_layers(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[dict], dict, dict]:
+def bench_layers(args: argparse.Namespace, log: Callable[[str], None],
+                 progress: Callable[[list[dict], dict], None] | None = None) -> tuple[list[dict], dict, dict]:
     """Time every implementation; returns (records, the GEMM reference rates by 'dtype/mode', the sampling per
-    dtype: rounds, seconds, target_reached, widest half-width)."""
+    dtype: rounds, seconds, target_reached, widest half-width). progress(records, stage): the records so far, at
+    each look at the intervals and after each dtype (a run cut short keeps the rounds it finished)."""
     device = torch.device(args.device)
     records: list[dict] = []
     gemm_rates: dict[str, float] = {}
     sampling: dict[str, dict] = {}
+    report = progress or (lambda records, stage: None)
     for dname in args.dtypes:
         dtype = getattr(torch, dname)
         gen = torch.Generator().manual_seed(args.seed + 100)
@@ -186,29 +189,45 @@ def bench_layers(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[
         by_record = {k: v for mode in args.modes for k, v in layer_ratios(impls, mode).items()}
         # SMoE sorted / itself is 1 in every round; it would only add a look at a constant.
         watched = [r for rs in by_record.values() for r in rs.values() if r.num != r.den]
+
+        def looked(s, dname=dname, impls=impls, by_record=by_record, peak=peak) -> None:  # noqa: ANN001
+            recs, _ = _records(args, dname, device, impls, s.times, by_record, peak)
+            report(records + recs, {"stage": f"{dname}: rounds {s.rounds}",
+                                    "sampling": {**sampling, dname: s.as_meta()}})
+
         got = sample_rounds(calls, watched, min_rounds=args.rounds, target=args.target_ci,
                             max_seconds=args.max_seconds, seed=args.seed, log=log, label=dname,
-                            sync=synchronizer(device))
+                            sync=synchronizer(device), on_look=looked)
         sampling[dname] = got.as_meta()
-        times = got.times
-        for mode in args.modes:
-            mult = 3 if mode == "fwd+bwd" else 1
-            gemm_flops = next(im.flops_fwd for im in impls if im.impl == "gemm") * mult
-            gemm_rates[f"{dname}/{mode}"] = gemm_flops / statistics.median(times[(mode, "gemm", "gemm")]) / 1e9
-            for im in impls:
-                if im.impl == "gemm":
-                    continue
-                key = (mode, im.variant, im.impl)
-                ts = times[key]
-                med = statistics.median(ts)
-                gflops = im.flops_fwd * mult / med / 1e9
-                records.append({
-                    "variant": im.variant, "impl": im.impl, "auto": im.auto, "dtype": dname, "mode": mode,
-                    "device": device.type,
-                    "threads": torch.get_num_threads(), "median_ms": med * 1e3, "gflops": gflops,
-                    "mfu": mfu(gflops, args.peak), "peak_mem_mb": peak.get((im.variant, im.impl, mode)),
-                    "ratio_to_sorted": None, "ratio_to_sorted_ci": None,
-                    **summarise(times, by_record[key], args.target_ci),
-                    "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
-                })
+        recs, rates = _records(args, dname, device, impls, got.times, by_record, peak)
+        records += recs
+        gemm_rates.update(rates)
+        report(records, {"stage": f"{dname} done", "sampling": sampling, "gemm_gflops": gemm_rates})
     return records, gemm_rates, sampling
+
+
+def _records(args: argparse.Namespace, dname: str, device: torch.device, impls: list[Impl], times: dict,
+             by_record: dict, peak: dict) -> tuple[list[dict], dict[str, float]]:
+    """The records of one dtype's timings (every implementation and mode) and the GEMM's rates by 'dtype/mode'."""
+    records, gemm_rates = [], {}
+    for mode in args.modes:
+        mult = 3 if mode == "fwd+bwd" else 1
+        gemm_flops = next(im.flops_fwd for im in impls if im.impl == "gemm") * mult
+        gemm_rates[f"{dname}/{mode}"] = gemm_flops / statistics.median(times[(mode, "gemm", "gemm")]) / 1e9
+        for im in impls:
+            if im.impl == "gemm":
+                continue
+            key = (mode, im.variant, im.impl)
+            ts = times[key]
+            med = statistics.median(ts)
+            gflops = im.flops_fwd * mult / med / 1e9
+            records.append({
+                "variant": im.variant, "impl": im.impl, "auto": im.auto, "dtype": dname, "mode": mode,
+                "device": device.type,
+                "threads": torch.get_num_threads(), "median_ms": med * 1e3, "gflops": gflops,
+                "mfu": mfu(gflops, args.peak), "peak_mem_mb": peak.get((im.variant, im.impl, mode)),
+                "ratio_to_sorted": None, "ratio_to_sorted_ci": None,
+                **summarise(times, by_record[key], args.target_ci),
+                "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
+            })
+    return records, gemm_rates

@@ -147,12 +147,14 @@ def widest_halfwidth(times: dict, ratios: list[Ratio], level: float = LEVEL) -> 
 def sample_rounds(calls: dict, ratios: list[Ratio], *, min_rounds: int, target: float, max_seconds: float,
                   seed: int, batch: int = BATCH, log: Callable[[str], None] | None = None, label: str = "",
                   sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
-                  level: float = LEVEL) -> Sampled:
+                  level: float = LEVEL, on_look: Callable[[Sampled], None] | None = None) -> Sampled:
     """Shuffled rounds of every callable until each ratio's interval is within +-target of its median.
 
     At least `min_rounds` rounds run whatever the clock says; after them the intervals are looked at every
     `batch` rounds, and sampling stops at the first round that ends `max_seconds` or more after the start
-    (so it overruns the cap by at most one round). max_seconds=0: exactly min_rounds rounds.
+    (so it overruns the cap by at most one round). max_seconds=0: exactly min_rounds rounds. on_look: called
+    with what was sampled so far at each look that does not stop the sampling (so that a caller can save the
+    figures of the rounds so far before the next batch: a run cut short keeps them).
     """
     times: dict = {key: [] for key in calls}
     rng = random.Random(seed)
@@ -173,6 +175,8 @@ def sample_rounds(calls: dict, ratios: list[Ratio], *, min_rounds: int, target: 
                     f"(target +-{100 * target:.1f}%)")
             if widest <= target or elapsed >= max_seconds:
                 return Sampled(times, n, elapsed, widest <= target, widest)
+            if on_look is not None:
+                on_look(Sampled(times, n, elapsed, False, widest))
 
 
 def summarise(times: dict, ratios: dict[str, Ratio], target: float) -> dict:

@@ -1,6 +1,12 @@
 """`mhmoe bench train`: whole-model optimizer steps of a preset's variants, each as `mhmoe train` runs it, in
 shuffled rounds, sampled until the per-round comparisons' intervals are narrow (stats.py); optionally a profile of a
-few steps per variant (profile.py)."""
+few steps per variant (profile.py).
+
+The work is ordered so that a run cut off (a time limit, a killed process) keeps the most: each model is built,
+warmed up (compiled, when compiling) and timed alone for ALONE_STEPS steps before the next one is built, and its
+record reaches `progress` at once (`timing: "alone"`: tokens/s and MFU, no comparison); then the shuffled rounds of
+all of them, whose records (`timing: "rounds"`, the paired comparisons) reach `progress` at each look at the
+intervals; the profile comes last."""
 
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ from mhmoe.training.step import train_step
 
 # `--compile`: "preset" = as `mhmoe train` runs the preset (its TrainConfig.compile), or a TrainConfig.compile mode.
 COMPILE_MODES = ("preset", "auto", "off", "on", "cudagraphs")
+# Steps of each model timed alone after its warm-up (the median of 3 is robust to one slow step).
+ALONE_STEPS = 3
+Progress = Callable[[list[dict], dict], None]  # (the records so far, what stage they come from)
 
 
 def bench_config(cfg: TrainConfig, mode: str) -> TrainConfig:
@@ -77,18 +86,27 @@ def training_step(cfg: TrainConfig, model: Transformer, net: nn.Module, device: 
     return step
 
 
-def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[dict], dict, dict]:
-    """Optimizer steps of each (variant, dtype) of `args.preset` on random tokens in shuffled rounds; (records, gemm
-    rates, sampling). args.dtypes: the dtypes to train in (None: the preset's); bfloat16 runs under autocast, as
-    `mhmoe train` runs it. args.compile: COMPILE_MODES. Each record compares with SMoE in the same dtype (time
-    and tokens/s) and, for bfloat16, with float32. args.profile: a folder for profile.py's files of the
-    args.profile_variants, args.profile_steps steps each, taken after the warm-up."""
+def bench_train(args: argparse.Namespace, log: Callable[[str], None],
+                progress: Progress | None = None) -> tuple[list[dict], dict, dict]:
+    """Optimizer steps of each (variant, dtype) of `args.preset` on random tokens, each model timed alone after its
+    warm-up, then all in shuffled rounds (module docstring); (records, gemm rates, sampling). args.dtypes: the
+    dtypes to train in (None: the preset's); bfloat16 runs under autocast, as `mhmoe train` runs it.
+    args.compile: COMPILE_MODES. Each record compares with SMoE in the same dtype (time and tokens/s) and, for
+    bfloat16, with float32. args.profile: a folder for profile.py's files of the args.profile_variants,
+    args.profile_steps steps each, taken after the timing. progress(records, stage): the records so far, after
+    each model's steps alone and at each look of the rounds."""
     device = torch.device(args.device)
     steps: dict[str, Callable[[], object]] = {}
     info: dict[str, tuple[TrainConfig, Transformer]] = {}
     dtypes = getattr(args, "dtypes", None) or [preset(args.preset, args.variants[0]).dtype]
     mode = getattr(args, "compile", "preset")
+    report = progress or (lambda records, stage: None)
     resolved: dict[str, str] = {}  # what TrainConfig.compile means on this device, per model
+    warmup_s: dict[str, float] = {}
+    alone: list[dict] = []
+    sync = synchronizer(device)
+    keys = [_key(v, dt) for v in args.variants for dt in dtypes]
+    t0 = time.perf_counter()
     for i, variant in enumerate(args.variants):
         for dtype in dtypes:
             cfg = bench_config(preset(args.preset, variant).replace(dtype=dtype), mode)
@@ -99,35 +117,31 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
             resolved[key] = resolve_compile(cfg, device)
             steps[key] = training_step(cfg, model, net, device, args.seed, resolved[key])
             info[key] = (cfg, model)
+            # Warm-up (and compilation: a second step catches the recompiles of step 2), then ALONE_STEPS alone.
+            t = time.perf_counter()
+            for _ in range(2 if resolved[key] != "off" else 1):
+                steps[key]()
+            if sync is not None:
+                sync()
+            warmup_s[key] = time.perf_counter() - t
+            ts = [_timed(steps[key], sync) for _ in range(ALONE_STEPS)]
+            alone.append(_alone_record(key, cfg, ts, resolved[key], warmup_s[key], args.peak))
+            log(f"[train] {key}: warm-up {warmup_s[key]:.1f} s, then {statistics.median(ts) * 1e3:.1f} ms/step "
+                f"alone ({len(alone)}/{len(keys)})")
+            report(alone, {"stage": f"alone {len(alone)}/{len(keys)}"})
     compiled = {k: m != "off" for k, m in resolved.items()}
-    t0 = time.perf_counter()
-    warmup_s = {}
-    sync = synchronizer(device)
-    for key in info:  # warm-up (and compilation: a second step catches the recompiles of step 2)
-        t = time.perf_counter()
-        for _ in range(2 if compiled[key] else 1):
-            steps[key]()
-        if sync is not None:
-            sync()
-        warmup_s[key] = time.perf_counter() - t
     peak = {}
     if any(compiled.values()) and not args.no_memory:
         log("[train] compiled: no peak-memory pass (MemTracker does not follow compiled graphs)")
     if not args.no_memory and not any(compiled.values()):
         for key, (_, model) in info.items():
             peak[key] = peak_memory_mb(model, steps[key])
-    log(f"[train] warm-up: {time.perf_counter() - t0:.1f} s")
-    profile_dir = getattr(args, "profile", None)
-    if profile_dir:
-        keys = [k for k in info if k.split("/")[0] in args.profile_variants]
-        profile_steps({k: steps[k] for k in keys}, profile_dir, device, args.profile_steps, log,
-                      meta={"preset": args.preset,
-                            "compile": {k: resolved[k] for k in keys},
-                            "tokens_per_step": {k: info[k][0].tokens_per_step for k in keys}})
-    cfg0 = info[_key(args.variants[0], dtypes[0])][0]
+    log(f"[train] warm-up and steps alone: {time.perf_counter() - t0:.1f} s")
+    cfg0 = info[keys[0]][0]
     micro0, _ = micro_batches(cfg0, 1)
     d, tokens = cfg0.model.dim, micro0 * cfg0.seq_len
     gemm_flops = 6 * tokens * d * 4 * d
+    calls = dict(steps)
     for dtype in dtypes:  # the same-run GEMM of each dtype (autocast's matmuls run in bfloat16)
         gdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         a = torch.randn(tokens, d).to(device, gdtype).requires_grad_(True)
@@ -138,7 +152,7 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
             a.grad = w.grad = None
             (a @ w).backward(gb)
 
-        steps[f"gemm/{dtype}"] = gemm
+        calls[f"gemm/{dtype}"] = gemm
     flops = {k: 3 * model_flops_per_token(c.model, seq_len=c.seq_len) * c.tokens_per_step
              for k, (c, _) in info.items()}
     ratios: dict[str, dict[str, Ratio]] = {}
@@ -152,30 +166,67 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
             if dtype == "bfloat16" and "float32" in dtypes:
                 ratios[k]["ratio_to_float32"] = Ratio(k, _key(variant, "float32"))
     watched = [r for rs in ratios.values() for r in rs.values() if r.num != r.den]
-    got = sample_rounds(steps, watched, min_rounds=args.rounds, target=args.target_ci, max_seconds=args.max_seconds,
-                        seed=args.seed, log=log, label="train", sync=sync)
-    times = got.times
-    gemm_rates = {f"{dt}/train": gemm_flops / statistics.median(times[f"gemm/{dt}"]) / 1e9 for dt in dtypes}
-    records = []
-    for variant in args.variants:
-        for dtype in dtypes:
-            k = _key(variant, dtype)
+    alone_ms = {_key(r["variant"], r["dtype"]): r["median_ms"] for r in alone}
+
+    def records_of(times: dict) -> list[dict]:
+        out = []
+        for k in keys:
             cfg, _ = info[k]
             ts = times[k]
             med = statistics.median(ts)
-            n_tok = cfg.tokens_per_step
             micro, accum = micro_batches(cfg, 1)
             gflops = flops[k] / med / 1e9
-            records.append({
-                "variant": variant, "dtype": dtype, "mode": "train", "device": device.type,
+            out.append({
+                "variant": k.split("/")[0], "dtype": k.split("/")[1], "mode": "train", "device": device.type,
                 "threads": torch.get_num_threads(), "median_ms": med * 1e3, "gflops": gflops,
                 "mfu": mfu(gflops, args.peak), "peak_mem_mb": peak.get(k), "ratio_to_smoe": None, "ratio_ci": None,
                 **summarise(times, ratios[k], args.target_ci),
-                "tok_per_s": n_tok / med, "tokens_per_step": n_tok, "micro_batch": micro, "accum": accum,
-                "preset": args.preset, "compiled": compiled[k], "compile": resolved[k],
+                "tok_per_s": cfg.tokens_per_step / med, "tokens_per_step": cfg.tokens_per_step, "micro_batch": micro,
+                "accum": accum, "preset": args.preset, "compiled": compiled[k], "compile": resolved[k],
                 "warmup_s": warmup_s[k], "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts),
+                "timing": "rounds", "alone_ms": alone_ms[k],
             })
-    return records, gemm_rates, {"train": got.as_meta()}
+        return out
+
+    got = sample_rounds(calls, watched, min_rounds=args.rounds, target=args.target_ci, max_seconds=args.max_seconds,
+                        seed=args.seed, log=log, label="train", sync=sync,
+                        on_look=lambda s: report(records_of(s.times), {"stage": f"rounds {s.rounds}",
+                                                                       "sampling": {"train": s.as_meta()}}))
+    records = records_of(got.times)
+    gemm_rates = {f"{dt}/train": gemm_flops / statistics.median(got.times[f"gemm/{dt}"]) / 1e9 for dt in dtypes}
+    sampling = {"train": got.as_meta()}
+    report(records, {"stage": "rounds done", "sampling": sampling, "gemm_gflops": gemm_rates})
+    profile_dir = getattr(args, "profile", None)
+    if profile_dir:
+        pkeys = [k for k in keys if k.split("/")[0] in args.profile_variants]
+        profile_steps({k: steps[k] for k in pkeys}, profile_dir, device, args.profile_steps, log,
+                      meta={"preset": args.preset,
+                            "compile": {k: resolved[k] for k in pkeys},
+                            "tokens_per_step": {k: info[k][0].tokens_per_step for k in pkeys}})
+    return records, gemm_rates, sampling
+
+
+def _timed(step: Callable[[], object], sync: Callable[[], None] | None) -> float:
+    t = time.perf_counter()
+    step()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t
+
+
+def _alone_record(key: str, cfg: TrainConfig, ts: list[float], compile_mode: str, warmup_s: float,
+                  peak: float | None) -> dict:
+    """A model's steps timed alone, right after its warm-up: its speed, no comparison (module docstring)."""
+    med = statistics.median(ts)
+    micro, accum = micro_batches(cfg, 1)
+    gflops = 3 * model_flops_per_token(cfg.model, seq_len=cfg.seq_len) * cfg.tokens_per_step / med / 1e9
+    variant, dtype = key.split("/")
+    return {"variant": variant, "dtype": dtype, "mode": "train", "timing": "alone", "median_ms": med * 1e3,
+            "gflops": gflops, "mfu": mfu(gflops, peak), "tok_per_s": cfg.tokens_per_step / med,
+            "tokens_per_step": cfg.tokens_per_step, "micro_batch": micro, "accum": accum, "preset": cfg.preset,
+            "compiled": compile_mode != "off", "compile": compile_mode, "warmup_s": warmup_s,
+            "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "rounds": len(ts), "ratio_to_smoe": None,
+            "ratio_ci": None, "peak_mem_mb": None}
 
 
 def _key(variant: str, dtype: str) -> str:

@@ -20,6 +20,7 @@ from mhmoe.bench.stats import LEVEL
 from mhmoe.bench.train import COMPILE_MODES, bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants
 from mhmoe.errors import UserError
+from mhmoe.fileio import atomic_write_text
 from mhmoe.training.device import cpu_has_fast_bf16
 from mhmoe.training.presets import PRESETS, preset_names
 
@@ -91,7 +92,20 @@ def _cli(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     meta = _meta(args)
+    meta.update(device=args.device, min_rounds=args.rounds, target_ci=args.target_ci, max_seconds=args.max_seconds,
+                ci_level=LEVEL, ci_method="median of per-round ratios; distribution-free interval from binomial order "
+                "statistics (mhmoe/bench/stats.py)", peak_tflops=args.peak, peak_tflops_from=args.peak_from)
     t0 = time.perf_counter()
+    progress = None
+    if args.json_out is not None:
+        if not args.json_out.strip():
+            raise UserError("--json-out: expected a file for the JSON, got ''")
+        progress = _json_writer(args.json_out, meta, t0)
+        try:
+            progress([], {"stage": "started"})  # a path that cannot be written fails now, not after the timing
+        except OSError as e:
+            raise UserError(f"--json-out: cannot write {args.json_out!r} ({e.strerror or e}); pass a writable "
+                            "file path") from None
     if args.what == "layers":
         if args.dtypes is None:  # bf16 only where the CPU has it natively: elsewhere one round takes minutes
             fast = args.device == "cuda" or cpu_has_fast_bf16()
@@ -108,7 +122,7 @@ def _cli(args: argparse.Namespace) -> int:
             raise UserError(f"--dim/--hidden-dim/--num-experts: {e}") from None
         meta.update(tokens=args.tokens, dim=args.dim, hidden_dim=args.hidden_dim, num_experts=args.num_experts,
                     rounds=args.rounds)
-        records, gemm, sampling = bench_layers(args, log)
+        records, gemm, sampling = bench_layers(args, log, progress)
     else:
         if args.preset not in PRESETS:
             raise UserError(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
@@ -120,17 +134,13 @@ def _cli(args: argparse.Namespace) -> int:
                             f"got {args.compile!r}")
         _profile_flags(args)
         meta.update(preset=args.preset, rounds=args.rounds, compile=args.compile, profile=args.profile)
-        records, gemm, sampling = bench_train(args, log)
-    meta.update(
-        device=args.device, min_rounds=args.rounds, target_ci=args.target_ci, max_seconds=args.max_seconds,
-        ci_level=LEVEL, ci_method="median of per-round ratios; distribution-free interval from binomial order "
-        "statistics (mhmoe/bench/stats.py)", sampling=sampling,
-        target_reached=all(s["target_reached"] for s in sampling.values()),
-        peak_tflops=args.peak, peak_tflops_from=args.peak_from,
-    )
-    meta["gemm_gflops"] = gemm
-    meta["wall_s"] = round(time.perf_counter() - t0, 1)
-    meta["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        records, gemm, sampling = bench_train(args, log, progress)
+    meta.update(sampling=sampling, target_reached=all(s["target_reached"] for s in sampling.values()),
+                gemm_gflops=gemm, wall_s=round(time.perf_counter() - t0, 1),
+                loadavg_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), progress={"stage": "done",
+                                                                                   "complete": True})
+    if progress is not None:
+        progress(records, {"stage": "done", "complete": True})
     if args.json:
         print(json.dumps({"meta": meta, "records": records}, indent=1))
         return 0
@@ -146,6 +156,22 @@ def _cli(args: argparse.Namespace) -> int:
     if args.what == "train":
         print(format_train_lines(records))
     return 0
+
+
+def _json_writer(path: str, meta: dict, t0: float) -> Callable[[list[dict], dict], None]:
+    """progress(records, stage) for --json-out: {"meta": .., "records": [..]} rewritten atomically at each call,
+    so the file always holds the last complete state (meta.progress: the stage, and complete: true at the end)."""
+
+    def write(records: list[dict], stage: dict) -> None:
+        stage = dict(stage)
+        now = {k: stage.pop(k) for k in ("sampling", "gemm_gflops") if k in stage}
+        if "sampling" in now:
+            now["target_reached"] = all(s["target_reached"] for s in now["sampling"].values())
+        state = {**meta, **now, "wall_s": round(time.perf_counter() - t0, 1),
+                 "progress": {"complete": False, **stage}}
+        atomic_write_text(path, json.dumps({"meta": state, "records": records}, indent=1) + "\n")
+
+    return write
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -197,4 +223,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
         q.add_argument("--json", action="store_true", help='print {"meta": .., "records": [..]}')
+        q.add_argument("--json-out", default=None, metavar="FILE",
+                       help="also write that JSON to FILE as the run goes, rewritten atomically after each model "
+                            "timed alone (train), at each look at the intervals and at the end: a run cut short "
+                            "leaves what it finished (meta.progress says how far it got)")
         q.set_defaults(func=_cli)

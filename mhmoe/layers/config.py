@@ -80,8 +80,9 @@ class FFNConfig(Config):
         capacity_in_eval: drop beyond capacity in evaluation too (the authors' runs: their eval capacity fraction
             -1 selects the training formula). Outputs then depend on which tokens share the forward call.
         head_merge_bias: the head and merge projections carry a bias (the authors' nn.Linear(D, D, bias=True)).
-        dispatch: "auto" (default: scatter on CUDA when Triton imports, else grouped_mm on CUDA in bfloat16;
-            sorted on CPU and wherever neither can run; chosen per call for the input's device), "sorted" (sort
+        dispatch: "auto" (default: scatter on CUDA in bfloat16/float16 when Triton imports, else grouped_mm on
+            CUDA in bfloat16; sorted on CPU, in float32 on CUDA (cuBLAS's matmuls) and wherever neither can run;
+            chosen per call for the input's device and compute dtype), "sorted" (sort
             by expert, one fused matmul loop over the contiguous groups, CPU threads; one host sync),
             "grouped_mm" (torch's grouped GEMM over the same sorted layout; no host sync) or "scatter" (Triton
             grouped GEMMs that gather and scatter rows by index, SwiGLU fused; no host sync, no permuted copies;

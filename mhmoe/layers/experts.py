@@ -31,12 +31,17 @@ and moved to CUDA switches):
                 reuse the graph. Capacity drops are not computed at all (their rows weigh 0). CUDA: the Triton
                 kernels (float32, bfloat16, float16); CPU: the same decomposition in plain torch. Needs Triton
                 (`import triton`); without it "scatter" raises one line naming the fix.
-  "auto"        (default) scatter on CUDA when Triton imports (every float dtype: the kernels take all three);
-                without Triton, grouped_mm on CUDA in bfloat16 (autocast's dtype in training); sorted everywhere
-                else: on CPU the sorted path with its threads is the measured best (benchmarks/RESULTS.md) and
-                keeps the numbers of earlier runs bit for bit; on CUDA in float32/float16 torch's grouped GEMM
-                would sync anyway (above). auto also keeps sorted where grouped_mm's layout rule fails: rows must
-                have strides of a multiple of 16 bytes, so Din = D/h and F must be multiples of 8 in bfloat16.
+  "auto"        (default) scatter on CUDA in the 16-bit dtypes (bfloat16, autocast's dtype in training, and
+                float16) when Triton imports; without Triton, grouped_mm on CUDA in bfloat16; sorted everywhere
+                else. In float32 on CUDA auto takes sorted, whose expert matmuls are cuBLAS's: the scatter
+                kernels built for sm_90 in float32 at torch's default matmul precision ("highest": IEEE
+                products, no TF32) are FMA loops, not tensor-core MMAs, and spill tens of KB of registers
+                (scripts/compile_scatter_kernels.py); no measurement says they beat cuBLAS, so until one does
+                auto leaves them to dispatch="scatter", which still runs them. On CPU the sorted path
+                with its threads is the measured best (benchmarks/RESULTS.md) and keeps the numbers of earlier
+                runs bit for bit; on CUDA in float32/float16 torch's grouped GEMM would sync anyway (above). auto
+                also keeps sorted where grouped_mm's layout rule fails: rows must have strides of a multiple of
+                16 bytes, so Din = D/h and F must be multiples of 8 in bfloat16.
 The rows seam (`Experts._run_sorted`: rows already gathered in expert order, as expert parallelism hands them
 over) has no scatter form: `rows_dispatch` maps "scatter" and "auto" there to what auto picks without Triton.
 Subclasses choose their implementation per dispatch explicitly in `implementations` (BitNet's BitExperts: every
@@ -70,20 +75,23 @@ Implementation = Literal["sorted", "grouped_mm", "scatter"]  # what "auto" resol
 RowsImplementation = Literal["sorted", "grouped_mm"]  # the rows seam's (`rows_dispatch`)
 DISPATCHES = ("auto", "sorted", "grouped_mm", "scatter")
 SCATTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels take
+# What "auto" sends to them: the tensor-core dtypes. float32 goes to cuBLAS (module docstring).
+SCATTER_AUTO_DTYPES = (torch.bfloat16, torch.float16)
 _grouped_mm = getattr(F, "grouped_mm", None)  # torch >= 2.8
 
 
 def resolve_dispatch(dispatch: str, device: torch.device, in_dim: int, hidden_dim: int,
                      dtype: torch.dtype) -> Implementation:
     """The implementation FFNConfig.dispatch means for experts of width in_dim -> hidden_dim whose matmuls run in
-    `dtype` on `device`: "sorted", "grouped_mm" and "scatter" as given; "auto" = scatter on CUDA when Triton
-    imports, else grouped_mm on CUDA in bfloat16 with 16-byte row strides (in_dim and hidden_dim multiples of 8),
-    else sorted (module docstring)."""
+    `dtype` on `device`: "sorted", "grouped_mm" and "scatter" as given; "auto" = scatter on CUDA in bfloat16 or
+    float16 when Triton imports, else grouped_mm on CUDA in bfloat16 with 16-byte row strides (in_dim and
+    hidden_dim multiples of 8), else sorted (float32 on CUDA included: cuBLAS's matmuls; module docstring). Reads
+    no device: a CUDA device need not exist to ask."""
     if dispatch in ("sorted", "grouped_mm", "scatter"):
         return dispatch
     if dispatch != "auto":
         raise ValueError(f"FFNConfig.dispatch: {dispatch!r} is not one of {', '.join(map(repr, DISPATCHES))}")
-    if device.type == "cuda" and scatter_experts.TRITON_AVAILABLE and dtype in SCATTER_DTYPES:
+    if device.type == "cuda" and scatter_experts.TRITON_AVAILABLE and dtype in SCATTER_AUTO_DTYPES:
         return "scatter"
     return _auto_without_scatter(device, in_dim, hidden_dim, dtype)
 

@@ -175,10 +175,20 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def check_index_inputs(weights: Tensor, order: Tensor, starts: Tensor, ends: Tensor) -> None:
+    """The ops' 1-D inputs must be contiguous: the kernels read element i at pointer + i (no stride argument), so
+    a strided view would be read as other rows, silently. One line naming the argument otherwise."""
+    for name, t in (("weights", weights), ("order", order), ("starts", starts), ("ends", ends)):
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"scatter_experts: {name} must be a contiguous 1-D tensor (the kernels index it without "
+                             f"a stride), got shape {tuple(t.shape)} strides {t.stride()}; pass {name}.contiguous()")
+
+
 def _forward(k: Kernels, x: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, order: Tensor,
              starts: Tensor, ends: Tensor, top_k: int, dropless: bool,
              save_hidden: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> y [N, Din], h1, h3 ([S, F] when save_hidden, else [0, F])."""
+    check_index_inputs(weights, order, starts, ends)
     if not x.dtype == w1.dtype == w3.dtype == w2.dtype or weights.dtype != torch.float32:
         raise ValueError(f"scatter_experts: x and the expert weights take one dtype (the compute dtype) and the "
                          f"combine weights float32, got {x.dtype}, {w1.dtype}, {w3.dtype}, {w2.dtype}, {weights.dtype}")
@@ -192,6 +202,7 @@ def _backward(k: Kernels, dy: Tensor, x: Tensor, weights: Tensor, w1: Tensor, w3
               order: Tensor, starts: Tensor, ends: Tensor, h1: Tensor, h3: Tensor, top_k: int,
               dropless: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dx [N, Din], dweights [S] float32, dw1, dw3 [E, Din, F], dw2 [E, F, Din]."""
+    check_index_inputs(weights, order, starts, ends)
     S, E = order.shape[0], w1.shape[0]
     if h1.shape[0] != S:  # recompute=True kept nothing of size [S, F]
         _, h1, h3 = k.swiglu_up(x, w1, w3, order, starts, ends, top_k, store_a=False, store_h=True)
@@ -226,6 +237,7 @@ def scatter_experts_fwd(x: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: 
 
 @scatter_experts_fwd.register_fake
 def _(x, weights, w1, w3, w2, order, starts, ends, top_k, dropless, save_hidden):  # noqa: ANN001, ANN202
+    check_index_inputs(weights, order, starts, ends)  # at trace time too: a compiled graph would pass them on
     rows, F = (order.shape[0] if save_hidden else 0), w1.shape[-1]
     return x.new_empty(x.shape[0], x.shape[1]), x.new_empty(rows, F), x.new_empty(rows, F)
 
@@ -242,6 +254,7 @@ def scatter_experts_bwd(dy: Tensor, x: Tensor, weights: Tensor, w1: Tensor, w3: 
 
 @scatter_experts_bwd.register_fake
 def _(dy, x, weights, w1, w3, w2, order, starts, ends, h1, h3, top_k, dropless):  # noqa: ANN001, ANN202
+    check_index_inputs(weights, order, starts, ends)
     return (x.new_empty(x.shape[0], x.shape[1]), weights.new_empty(weights.shape), w1.new_empty(w1.shape),
             w3.new_empty(w3.shape), w2.new_empty(w2.shape))
 

@@ -38,6 +38,8 @@ import triton.language as tl
 import triton.testing
 from triton import knobs
 
+from mhmoe.layers.scatter_configs import Tiles, pruner
+
 # Whether triton.jit made interpreted functions: it reads TRITON_INTERPRET when it decorates, i.e. at this import.
 INTERPRET = bool(knobs.runtime.interpret)
 UPCAST = INTERPRET  # the interpreter's bfloat16 tl.dot bug (module docstring)
@@ -58,6 +60,7 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 
 
 # Row-block GEMMs (rows of one expert x columns); configs checked for spills with scripts/compile_scatter_kernels.py.
+# Each kernel tries those its pruner keeps for the dtype and the device's shared memory (scatter_configs.py).
 # Two accumulators (swiglu_up) double the registers per tile: 8 warps from 64 x 128 up.
 ROW_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
                (128, 128, 32, 8, 4)]
@@ -70,6 +73,12 @@ BWD_CONFIGS = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64
 XTY_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
                (128, 128, 32, 8, 4)]
 assert INTERPRET or all(n % MIN_BLOCK_N == 0 for _, n, _, _, _ in BWD_CONFIGS)  # dwp's column groups
+
+# What one stage of each kernel's K loop loads into shared memory (elements; scatter_configs.py).
+UP_TILES = Tiles("x_ptr", lambda m, n, k, c: m * k + 2 * k * n)  # x rows, W1 and W3 tiles
+MM_TILES = Tiles("a1_ptr", lambda m, n, k, c: (m * k + k * n) * (2 if c.get("TWO") else 1))  # 1 or 2 products
+BWD_TILES = Tiles("dy_ptr", lambda m, n, k, c: m * k + k * n)  # dY rows, W2^T tile
+XTY_TILES = Tiles("x_ptr", lambda m, n, k, c: m * k + k * n * (2 if c.get("DUAL") else 1))  # X^T, Y (and Y2)
 
 
 # Arguments the kernels take as plain runtime integers, not specialised (Triton would compile a variant for a value
@@ -128,7 +137,8 @@ def _expert_block(pid_m, starts_ptr, ends_ptr, E, E_P2: tl.constexpr, BLOCK_M: t
     return e, start, end
 
 
-@triton.autotune(configs=_configs(DUAL_CONFIGS), key=["Din", "F", "STORE_H"], do_bench=_bench)
+@triton.autotune(configs=_configs(DUAL_CONFIGS), key=["Din", "F", "STORE_H"], do_bench=_bench,
+                 prune_configs_by=pruner(UP_TILES))
 @triton.jit(do_not_specialize=GENERIC)
 def _swiglu_up_kernel(x_ptr, w1_ptr, w3_ptr, order_ptr, starts_ptr, ends_ptr, a_ptr, h1_ptr, h3_ptr,
                       Din, F, E,
@@ -174,7 +184,8 @@ def _swiglu_up_kernel(x_ptr, w1_ptr, w3_ptr, order_ptr, starts_ptr, ends_ptr, a_
         tl.store(h3_ptr + out, _out(acc3, h3_ptr, ROUND), mask=mask)
 
 
-@triton.autotune(configs=_configs(ROW_CONFIGS), key=["KD", "NO", "TWO", "SCALE"], do_bench=_bench)
+@triton.autotune(configs=_configs(ROW_CONFIGS), key=["KD", "NO", "TWO", "SCALE"], do_bench=_bench,
+                 prune_configs_by=pruner(MM_TILES))
 @triton.jit(do_not_specialize=["E"])
 def _scatter_mm_kernel(a1_ptr, wa_ptr, a2_ptr, wb_ptr, weights_ptr, order_ptr, starts_ptr, ends_ptr, out_ptr,
                        KD, NO, E,
@@ -222,7 +233,8 @@ def _scatter_mm_kernel(a1_ptr, wa_ptr, a2_ptr, wb_ptr, weights_ptr, order_ptr, s
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS), key=["Din", "F"], reset_to_zero=["dwp_ptr"], do_bench=_bench)
+@triton.autotune(configs=_configs(BWD_CONFIGS), key=["Din", "F"], reset_to_zero=["dwp_ptr"], do_bench=_bench,
+                 prune_configs_by=pruner(BWD_TILES))
 @triton.jit(do_not_specialize=GENERIC + ["DWP_COLS"])
 def _swiglu_down_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, weights_ptr, order_ptr, starts_ptr, ends_ptr,
                             gh1_ptr, gh3_ptr, aw_ptr, dwp_ptr,
@@ -275,7 +287,8 @@ def _swiglu_down_bwd_kernel(dy_ptr, w2_ptr, h1_ptr, h3_ptr, weights_ptr, order_p
     tl.store(gh1_ptr + hid, _out(gh1, gh1_ptr, ROUND), mask=mask)
 
 
-@triton.autotune(configs=_configs(XTY_CONFIGS), key=["MX", "NY", "X_GATHER", "Y_GATHER", "DUAL"], do_bench=_bench)
+@triton.autotune(configs=_configs(XTY_CONFIGS), key=["MX", "NY", "X_GATHER", "Y_GATHER", "DUAL"], do_bench=_bench,
+                 prune_configs_by=pruner(XTY_TILES))
 @triton.jit(do_not_specialize=GENERIC)
 def _group_xty_kernel(x_ptr, y1_ptr, y2_ptr, order_ptr, starts_ptr, ends_ptr, out1_ptr, out2_ptr,
                       MX, NY, E,

@@ -31,7 +31,9 @@ def test_auto_resolves_per_device(monkeypatch):
     assert resolve_dispatch("auto", CPU, 384, 768, fp32) == "sorted"
     assert scatter_experts.TRITON_AVAILABLE  # the test environment has Triton (requirements.txt)
     assert resolve_dispatch("auto", CUDA, 384, 768, bf16) == "scatter"
-    assert resolve_dispatch("auto", CUDA, 12, 20, fp32) == "scatter"
+    assert resolve_dispatch("auto", CUDA, 12, 20, torch.float16) == "scatter"  # any width: masked tile loads
+    # float32 on CUDA: cuBLAS's matmuls (sorted), not Triton's fp32 FMA kernels, until a measurement says otherwise.
+    assert resolve_dispatch("auto", CUDA, 256, 512, fp32) == "sorted"
     for explicit in ("sorted", "grouped_mm", "scatter"):  # existing configs keep their choice on every device
         assert resolve_dispatch(explicit, CPU, 384, 768, fp32) == explicit
         assert resolve_dispatch(explicit, CUDA, 12, 20, fp32) == explicit

@@ -1,6 +1,7 @@
 """The chunked linear cross-entropy (mhmoe/layers/loss.py) against its slow reference, F.cross_entropy on the full
 float32 logits: loss and gradients in float32 and under bf16 autocast, any chunk size, ignored rows, tied
-weights, torch.compile without graph breaks, and no [N, V] tensor ever allocated."""
+weights, torch.compile without graph breaks and with one op for the whole loss (no chunk unrolled into the graph),
+no [N, V] tensor ever allocated, and the passes over each chunk's [C, V] buffer."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from helpers import assert_close_scaled
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mhmoe.layers.loss import CHUNK_ELEMENTS, chunk_rows, linear_cross_entropy
+from mhmoe.layers.loss import CHUNK_ELEMENTS, chunk_rows, float32_out_matmuls, linear_cross_entropy
 
 N, D, V = 37, 24, 101  # N prime: chunk sizes that do not divide it leave a short last chunk
 
@@ -99,17 +100,21 @@ def test_tied_weights_gradients_add_up():
 
 
 class _Allocations(TorchDispatchMode):
-    """Every tensor an aten op returns: (op name, shape, dtype), in order."""
+    """Every aten op: (op name, shapes of its tensor outputs, their dtypes, shapes of its tensor inputs), in order.
+    Eagerly the loss runs op by op (`_Eager`); the custom op of torch.compile would be one node here."""
 
     def __init__(self):
         super().__init__()
         self.seen = []
+        self.inputs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        ins = [tuple(a.shape) for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor):
                 self.seen.append((func.__name__.split(".")[0], tuple(o.shape), o.dtype))
+                self.inputs.append(ins)
         return out
 
     def largest(self, dtype=None):
@@ -140,6 +145,134 @@ def test_no_grad_computes_no_gradients():
     with _Allocations() as seen:
         linear_cross_entropy(h, w, t, rows=10)  # grad mode: dh and dW of each chunk as well
     assert sum(op in ("mm", "addmm_") for op, _, _ in seen.seen) == 3 * 4
+
+
+def test_the_compiled_op_and_the_eager_path_agree_bit_for_bit():
+    """The custom op (what torch.compile runs) and the eager autograd.Function run the same body."""
+    h, w, t = _inputs()
+    eager = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=7), h, w, t)
+
+    def op(h, w, t):
+        loss, _, _ = torch.ops.mhmoe.linear_cross_entropy(h, w, t, -100, 7, torch.float32, "mean", True)
+        return loss
+
+    for a, b in zip(eager, _loss_and_grads(op, h, w, t)):
+        assert torch.equal(a, b)
+
+
+# Not a pass over [C, V]: the matmuls, the reads and writes of the targets' column, and views.
+NOT_PASSES = ("mm", "addmm", "addmm_", "gather", "scatter_add_", "permute", "t", "transpose", "view", "slice",
+              "alias", "unsqueeze", "squeeze", "expand", "detach")
+
+
+@pytest.mark.parametrize("dtype, passes", [
+    (torch.float32, ["amax", "sub_", "exp_", "sum", "mul_"]),
+    # CPU in bf16: the 16-bit logits cast to float32 first, dL/dlogits cast back (CUDA's matmuls write float32).
+    (torch.bfloat16, ["_to_copy", "amax", "sub_", "exp_", "sum", "mul_", "_to_copy"]),
+])
+def test_the_elementwise_passes_over_a_chunk(dtype, passes):
+    """The memory-bound work of a training chunk: every op other than the matmuls that reads or writes a [C, V]
+    tensor, in order. Fewer passes is the point (module docstring): a divide and a multiply became one multiply."""
+    h, w, t = _inputs(dtype)
+    rows = 10
+    with _Allocations() as seen:
+        linear_cross_entropy(h, w, t, rows=rows)
+    per_chunk = [op for (op, out, _), ins in zip(seen.seen, seen.inputs)
+                 if op not in NOT_PASSES and ((rows, V) in ins or out == (rows, V))]
+    assert per_chunk == passes * 3  # 3 chunks of 10 rows (and one of 7)
+
+
+def test_the_compiled_graph_holds_one_loss_op_whatever_the_chunks():
+    """Under torch.compile the chunk loop is one custom op: the graph has no chunk's matmul, 37 chunks or 1."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    h, w, t = _inputs()
+    for rows in (1, N):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda h, w, t, rows=rows: linear_cross_entropy(h, w, t, rows=rows),
+                                 backend=backend, fullgraph=True)
+        compiled(h, w, t).backward()
+    for gm in graphs:
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert sum("linear_cross_entropy" in x for x in targets) == 1, targets
+        assert not [x for x in targets if "mm" in x or "matmul" in x], targets
+    assert len(graphs) == 2 and len(graphs[0].graph.nodes) == len(graphs[1].graph.nodes)
+
+
+@pytest.mark.parametrize("grads", [True, False])
+def test_opcheck_of_the_loss_op(grads):
+    """torch.library's own checks: schema (no hidden mutation or aliasing), fake tensors, autograd registration,
+    AOT dispatch with dynamic shapes."""
+    h, w, t = _inputs()
+    args = (h.detach().requires_grad_(grads), w.detach().requires_grad_(grads), t, -100, 10, torch.float32, "mean",
+            grads)
+    result = torch.library.opcheck(torch.ops.mhmoe.linear_cross_entropy.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_float32_out_matmuls_where_torch_has_them():
+    """CPU (torch 2.13) has no 16-bit -> float32 matmul: the cast path, checked above. CUDA: see the last test."""
+    assert float32_out_matmuls(torch.device("cpu")) is False
+
+
+def _emulate_float32_out(monkeypatch, accumulate=True):
+    """torch.mm / torch.addmm with out_dtype=float32 on CPU as cuBLAS computes them: float32 products of the 16-bit
+    operands, no 16-bit rounding of the result (accumulate=False: an addmm that ignores its `out`)."""
+    mm, addmm = torch.mm, torch.addmm
+
+    def mm32(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return mm(a, b) if out is None else mm(a, b, out=out)
+        return mm(a.float(), b.float())
+
+    def addmm32(c, a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return addmm(c, a, b) if out is None else addmm(c, a, b, out=out)
+        return addmm(c, a.float(), b.float(), out=out) if accumulate else addmm(c, a.float(), b.float())
+
+    monkeypatch.setattr(torch, "mm", mm32)
+    monkeypatch.setattr(torch, "addmm", addmm32)
+    float32_out_matmuls.cache_clear()
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_the_float32_out_path_on_an_emulated_device(monkeypatch, accumulate):
+    """The CUDA path's code on CPU, with the float32-output matmuls emulated: the probe takes them (and refuses an
+    addmm that does not accumulate in place), and the bf16 loss and gradients equal the full logits' within bf16's
+    tolerance, though not bit for bit those of the cast path (the logits are no longer rounded to bf16)."""
+    h, w, t = _inputs(torch.bfloat16)
+    cast = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=7), h, w, t)
+    _emulate_float32_out(monkeypatch, accumulate)
+    try:
+        assert float32_out_matmuls(torch.device("cpu")) is accumulate
+        got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=7), h, w, t)
+    finally:
+        float32_out_matmuls.cache_clear()
+    want = _loss_and_grads(_reference, h, w, t)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_scaled(got[1], want[1], 2e-2, "dh")
+    assert_close_scaled(got[2], want[2], 2e-2, "dW")
+    assert torch.equal(got[0], cast[0]) is not accumulate  # the emulated path ran exactly when the probe said so
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("rows", [7, "auto"])
+def test_cuda_bf16_autocast_takes_the_float32_out_matmuls_within_tolerance(rows):
+    """On CUDA in bf16 the logits come out of cuBLAS in float32 and dL/dW accumulates in place in float32
+    (torch.mm / addmm with out_dtype): the same loss and gradients as the full logits, within bf16's tolerance."""
+    dev = torch.device("cuda")
+    assert float32_out_matmuls(dev), "torch on this GPU lacks mm/addmm(out_dtype=float32): the slower cast path"
+    h, w, t = (x.to(dev).detach().requires_grad_(x.requires_grad) for x in _inputs())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = _loss_and_grads(_reference, h, w, t)
+        got = _loss_and_grads(lambda *a: linear_cross_entropy(*a, rows=rows), h, w, t)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_scaled(got[1], want[1], 2e-2, "dh")
+    assert_close_scaled(got[2], want[2], 2e-2, "dW")
 
 
 def test_double_backward_is_refused():

@@ -1,7 +1,8 @@
 """dispatch="scatter" (mhmoe/layers/scatter_experts.py, scatter_kernels.py).
 
 The Triton kernels run in Triton's interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 before mhmoe is
-imported when there is no GPU; on a GPU the same tests run the compiled kernels on CUDA tensors). Each fast path
+imported when there is no GPU; on a GPU the same tests run the compiled kernels on CUDA tensors, each on the first
+config its pruner keeps: `_one_config_per_kernel_on_a_gpu`). Each fast path
 is checked against a slow reference kept here (`slow_experts`: one (sub-)token and one choice at a time, in
 float64, gradients by autograd) and the whole layer against tests/reference.py:
   * the five kernels composed as the ops compose them, forward and every gradient, float32 and bfloat16 I/O,
@@ -33,11 +34,32 @@ from mhmoe.layers.experts import resolve_dispatch, rows_dispatch, sort_assignmen
 from mhmoe.layers.sorted_experts import DoubleBackwardError
 from mhmoe.model import ModelConfig, Transformer
 
-# The interpreter's own numpy deprecation, once per scalar it converts.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+# The interpreter's own numpy deprecation, once per scalar it converts. On a GPU the first launch of each kernel
+# variant compiles and autotunes its configs: under `pytest --dist loadgroup` (benchmarks/gpu_check.sh) this file's
+# tests share one xdist worker, so that happens once, not once per worker.
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+              pytest.mark.xdist_group("triton-kernels")]
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}  # of the reference's largest |value| (seen: 4e-7, 7e-3)
+AUTOTUNED = (sk._swiglu_up_kernel, sk._scatter_mm_kernel, sk._swiglu_down_bwd_kernel, sk._group_xty_kernel)
+
+
+def first_kept(prune):  # noqa: ANN001, ANN201
+    """An autotuner's early_config_prune that keeps only the first config `prune` keeps."""
+    return lambda configs, nargs, **consts: prune(configs, nargs, **consts)[:1]
+
+
+@pytest.fixture(autouse=True)
+def _one_config_per_kernel_on_a_gpu(monkeypatch):
+    """On a GPU each kernel here runs the first config its pruner keeps for the dtype, not all of them: the tests
+    check what the kernels compute, and each tiny test shape would otherwise compile and time every config of each
+    kernel variant (minutes in all; the GPU check has 90 s for its tests). Which config wins at real shapes is the
+    benchmark's business, and `mhmoe bench layers` checks every implementation against the sorted path before it
+    times it. Under the interpreter every kernel has one config already."""
+    if DEV.type == "cuda":
+        for kernel in AUTOTUNED:
+            monkeypatch.setattr(kernel, "early_config_prune", first_kept(kernel.early_config_prune))
 NAMES = ("y", "x", "weights", "w1", "w3", "w2")
 
 # name: (N, Din, F, E, K, experts that receive rows, capacity per expert or None)
@@ -216,6 +238,31 @@ def test_opcheck_of_the_forward_op():
         torch.ops.mhmoe.scatter_experts_fwd(*args)
 
 
+@pytest.mark.parametrize("name", ["weights", "order", "starts", "ends"])
+def test_the_ops_refuse_a_strided_index_input(name):
+    """The kernels index the 1-D inputs without a stride: a strided view (every other element of a longer buffer)
+    would read other rows without an error, so the ops refuse it, forward and backward, on both implementations
+    and at trace time (fake tensors)."""
+    c = make_case("top2-capacity-drops", torch.float32, torch.device("cpu"))
+    a = sort_assignments(c["indices"], c["num_experts"], c["capacity"])
+    starts = (torch.cumsum(a.counts, 0) - a.counts).to(torch.int32)
+    ins = {"weights": c["weights"].reshape(-1), "order": a.order, "starts": starts,
+           "ends": starts + a.kept_counts.to(torch.int32)}
+    ins[name] = torch.stack([ins[name], ins[name]], 1)[:, 0]  # the same values, stride 2
+    assert not ins[name].is_contiguous()
+    args = (c["x"], ins["weights"], c["w1"], c["w3"], c["w2"], ins["order"], ins["starts"], ins["ends"])
+    for fn in (lambda: se._forward(se.TorchKernels, *args, 2, False, True),
+               lambda: se._backward(se.TorchKernels, c["dy"], *args, c["x"], c["x"], 2, False),
+               lambda: torch.ops.mhmoe.scatter_experts_fwd(*args, 2, False, True)):
+        with pytest.raises(ValueError, match=rf"^scatter_experts: {name} must be a contiguous 1-D tensor .*"
+                                             rf"pass {name}\.contiguous\(\)$"):
+            fn()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=f"{name} must be a contiguous"):
+        torch.ops.mhmoe.scatter_experts_fwd(*(mode.from_tensor(t) for t in args), 2, False, True)
+
+
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_op_through_autograd_equals_the_slow_reference(dtype, capacity_factor):
@@ -340,10 +387,14 @@ def test_whole_model_compiles_without_graph_breaks():
 # Resolution and Triton being optional
 
 
-def test_auto_picks_scatter_on_cuda_when_triton_imports(monkeypatch):
+def test_auto_picks_scatter_on_cuda_in_16_bit_when_triton_imports(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16):
         assert resolve_dispatch("auto", cuda, 12, 20, dtype) == "scatter"  # any width: masked tile loads
+    # float32 on CUDA: cuBLAS's matmuls (the sorted path), not the FMA kernels Triton builds for fp32; asked of a
+    # CUDA device that this machine need not have. dispatch="scatter" still runs the kernels in float32.
+    assert resolve_dispatch("auto", cuda, 256, 512, torch.float32) == "sorted"
+    assert resolve_dispatch("scatter", cuda, 256, 512, torch.float32) == "scatter"
     assert resolve_dispatch("auto", cpu, 256, 512, torch.bfloat16) == "sorted"
     assert resolve_dispatch("scatter", cpu, 256, 512, torch.float32) == "scatter"
     # The rows seam (expert parallelism, BitNet's experts) has no scatter form.
@@ -353,6 +404,24 @@ def test_auto_picks_scatter_on_cuda_when_triton_imports(monkeypatch):
     monkeypatch.setattr(se, "TRITON_AVAILABLE", False)
     assert resolve_dispatch("auto", cuda, 256, 512, torch.bfloat16) == "grouped_mm"
     assert resolve_dispatch("auto", cuda, 256, 512, torch.float32) == "sorted"
+
+
+def test_the_tests_gpu_config_is_the_first_that_fits_the_dtype():
+    """What `_one_config_per_kernel_on_a_gpu` leaves each kernel on a GPU: one config, and one the pruner keeps for
+    the dtype (fp32's first config would need 256 KiB of shared memory in the dx launch)."""
+    import triton
+
+    from mhmoe.layers.scatter_configs import prune, smem_bytes
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+               for m, n, k, w, st in sk.ROW_CONFIGS]
+    for dtype in (torch.float32, torch.bfloat16):
+        nargs = {"a1_ptr": torch.empty(0, dtype=dtype)}
+        got = first_kept(sk._scatter_mm_kernel.early_config_prune)(configs, nargs, TWO=True, SCALE=False)
+        assert got == prune(sk.MM_TILES, configs, nargs, TWO=True)[:1] and len(got) == 1
+        c = got[0]
+        assert smem_bytes(sk.MM_TILES, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                          {"TWO": True}, dtype.itemsize) <= 232_448
 
 
 def test_config_accepts_scatter_at_any_width_and_names_the_field_on_a_typo():
@@ -428,13 +497,21 @@ def test_the_backward_materialises_no_gradient_for_the_saved_hidden():
 
 def test_the_kernels_build_for_hopper_pipelined_on_warp_group_mmas():
     """The interpreter never compiles the kernels: Triton's real compiler does here, for sm_90 (H100/H200), without
-    a GPU (scripts/compile_scatter_kernels.py, one autotune config per kernel and launch variant). Every GEMM's K
-    loop must be pipelined (async copies) and its dots Hopper warp-group MMAs."""
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "compile_scatter_kernels.py"), "--first-config-only"],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    a GPU (scripts/compile_scatter_kernels.py, the first config each kernel's pruner keeps, per launch variant).
+    Every GEMM's K loop must be pipelined (async copies) and its dots Hopper warp-group MMAs; every build fits
+    sm_90's shared memory with no large spill. With a budget below what the kernels need, the script fails."""
+    script = [sys.executable, str(REPO / "scripts" / "compile_scatter_kernels.py"), "--first-config-only"]
+    out = subprocess.run(script, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 8 and all(line.startswith("ok ") for line in lines), out.stdout
     for line in lines:
         if "_sum_k_kernel" not in line:
             assert " wgmma  0 " not in line and " async-copies  0 " not in line, line
+    # 64 KiB: the smallest bf16 tiles of swiglu_up need 96 KiB, of the dx launch 96 KiB; scatter_mm's 48 KiB fit.
+    small = subprocess.run(script + ["--smem-limit", "65536"], env=subprocess_env(), capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+    assert small.returncode == 1, small.stdout + small.stderr
+    failed = [line for line in small.stdout.splitlines() if line.startswith("FAILED")]
+    assert any("_swiglu_up_kernel" in line and "shared memory 98,304 bytes > 65,536" in line for line in failed)
+    assert any(line.startswith("ok ") and "'TWO': False" in line for line in small.stdout.splitlines())
