@@ -17,11 +17,14 @@ def _pin_threads_under_xdist() -> None:
     """The suite runs at torch's default thread count, as users do (the expert threading, FLOP counters and
     profilers are only exercised with > 1 thread). Only xdist workers that would together oversubscribe the cores
     (make test: -n 2 on 2 cores) get cores // workers threads each; tests that need 2 threads set them (fixture
-    `two_threads`)."""
+    `two_threads`). The processes such a worker starts (the CLI, benchmarks, the GPU check's dry run) inherit the
+    same count through OMP_NUM_THREADS: at torch's default they would oversubscribe the cores as well, and their
+    OpenMP threads spin while the other worker holds a core (the dry run took 17% more CPU time so)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if workers > 1 and workers * torch.get_num_threads() > cores:
         torch.set_num_threads(max(1, cores // workers))
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 _pin_threads_under_xdist()

@@ -176,3 +176,10 @@ def test_paths_named_by_the_readme_exist():
     assert named, "the README names no path: the pattern is stale"
     missing = sorted(p for p in named if not (ROOT / p.rstrip("/")).exists())
     assert not missing, missing
+
+
+def test_readme_test_command_is_the_makefiles():
+    """`make test` and the command the README gives for it are the same (CI runs `make test`)."""
+    recipe = (ROOT / "Makefile").read_text(encoding="utf-8").split("\ntest: venv\n\t", 1)[1].split("\n", 1)[0]
+    readme = re.search(r"^make test +# the test suite: (.+)$", (ROOT / "README.md").read_text(encoding="utf-8"), re.M)
+    assert readme and readme.group(1) == recipe.replace("$(PY)", ".venv/bin/python"), (recipe, readme)

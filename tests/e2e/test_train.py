@@ -121,7 +121,7 @@ def test_a_run_whose_config_says_compile_false_resumes(tmp_path, cache, capsys):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_mid_training_then_resumed_matches_the_uninterrupted_run(tmp_path, cache, sig):
+def test_killed_mid_training_then_resumed_matches_the_uninterrupted_run(tmp_path, cache, capsys, sig):
     """A real `mhmoe train` process killed after its first checkpoint (SIGKILL: nothing runs after it; SIGTERM:
     Python's default, no handler) and then re-run with the same command: every step's logged numbers, every
     periodic evaluation (the last one is the final eval) and the final weights equal the uninterrupted run's."""
@@ -147,8 +147,8 @@ def test_killed_mid_training_then_resumed_matches_the_uninterrupted_run(tmp_path
     # The killed invocation's training time survives (recorded with each checkpoint, not only at exit).
     wall_killed = json.loads((run / "train_wall.json").read_text())["wall_s"]
     assert wall_killed > 0
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    # The same command resumes it; in this process, which spares a process start (~4 s of imports).
+    assert main(cmd[3:]) == 0, capsys.readouterr().err
     assert json.loads((run / "train_wall.json").read_text())["wall_s"] > wall_killed
     steps, evals = _train_log(run)
     assert (steps, evals) == _train_log(tmp_path / "ref")  # exact: data position, RNG and schedule restored
@@ -253,15 +253,14 @@ def test_missing_data_root_and_mismatched_run_dir(cpu_kind, tmp_path, cache, cap
     assert sorted(p.name for p in run.rglob("*")) == before  # nothing touched
 
 
-def test_ddp_two_processes_match_one(tmp_path, cache):
+def test_ddp_two_processes_match_one(tmp_path, cache, capsys):
     # The same command on 1 and 2 processes: the global batch of 8 sequences is 1 x 8 rows or 2 x 4 rows (the
-    # per-process micro-batch derived from batch_size 8), drawn alike (micro_batches).
+    # per-process micro-batch derived from batch_size 8), drawn alike (micro_batches). The 1-process run is this
+    # process's `main` (no process group), which spares a process start (~4 s of imports).
     base = ["train", "--preset", "smoke", "--model", "mhmoe-h2", "--data-root", str(ROOT), "--cache-dir", str(cache),
             "--no-progress", "--set", "steps=3", "--set", "threads=1",
             "--set", "model.moe_ffn.lb_coef=0"]  # the balance loss is per rank by design; drop it for equality
-    one = subprocess.run([sys.executable, "-m", "mhmoe.cli", *base, "--out", str(tmp_path / "one")], env=_env(),
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
     two = torchrun_mhmoe([*base, "--out", str(tmp_path / "two")], tmp_path / "logs")
     assert two.returncode == 0, rank_logs(tmp_path / "logs")[0][-2000:]
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
