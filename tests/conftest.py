@@ -2,7 +2,15 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# OpenMP threads that wait passively (sleep) instead of spinning: torch's OpenMP runtime reads this when torch is
+# first imported, i.e. below, and the xdist workers and the processes the tests start inherit it. Spinning threads
+# burn the core the other xdist worker (or a test's second rank) needs, and the suite runs on 2 cores: the
+# two-thread tests (test_threads, the FLOP counts) took 34 CPU seconds spinning and 15 waiting passively, beside a
+# busy core. Results are the same either way; only how idle threads wait changes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after OMP_WAIT_POLICY)
 
 if not torch.cuda.is_available():
     # The Triton kernels of dispatch="scatter" (mhmoe/layers/scatter_kernels.py) run in Triton's interpreter on a
