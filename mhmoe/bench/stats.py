@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import numpy as np
-from scipy.stats import binom
 
 LEVEL = 0.95
 BATCH = 4  # rounds between looks at the intervals, past the minimum
@@ -60,6 +59,9 @@ def order_statistic_indices(n: int, level: float = LEVEL) -> tuple[int, int, flo
     (0, n-1, coverage below level) when n is too small for any pair to reach it."""
     if n < 1:
         raise ValueError("order_statistic_indices: n must be >= 1")
+    # Imported here: scipy.stats costs ~0.75 s of start-up, paid by every `mhmoe` command that imports the CLI.
+    from scipy.stats import binom
+
     cdf = binom.cdf(np.arange(n + 1), n, 0.5)
     # x(l) misses the median from below when B <= l-1; with lo = l-1 (0-based) that is P(B <= lo) = cdf[lo]. The
     # largest lo with cdf[lo] <= (1-level)/2 gives the narrowest interval that still covers.
