@@ -63,7 +63,8 @@ class MoELayer(nn.Module):
                                        cfg.capacity_rule)
         priority = "choice" if cfg.capacity_rule == "choice_order" else "token"
         with label(EXPERTS):
-            y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity, priority)  # eq. (3), [N, D/H]
+            # eq. (3): y_sub [N, D/H]
+            y_sub, stats = self.experts(sub, routing.indices, routing.weights, capacity, priority)
         with label(HEAD_MERGE):
             y = rearrange(y_sub, "(n h) d -> n (h d)", h=cfg.heads)  # [BT, D]
             if self.merge is not None and apply_merge:

@@ -61,7 +61,7 @@ def with_profile(variant: str, profile: str) -> str:
     model is the same run in both profiles."""
     if profile not in PROFILES:
         raise ConfigError(f"--profile: unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    if profile == "mhmoe" or variant == "dense" or variant.endswith("-authors") or "-authors-" in variant:
+    if profile == "mhmoe" or variant == "dense" or is_authors(variant):
         return variant
     return f"{variant}-authors"
 _VARIANT = re.compile(r"^(dense|smoe|fine-grained|mhmoe-h([1-9][0-9]*))((?:-(?:" + "|".join(_MODS) + r"))*)$")
