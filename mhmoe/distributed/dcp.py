@@ -16,19 +16,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mhmoe.distributed.expert_parallel import expert_parallel_modules
 from mhmoe.distributed.parallel import Parallel, barrier
 from mhmoe.errors import CheckpointError
+
+# torch.distributed.checkpoint and torch.distributed.tensor are imported where a checkpoint is written or read:
+# together about 0.5 s of every process start, and most processes (one-process training, evaluation, the CLI's
+# reports) never touch a distributed checkpoint.
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed checkpoints (torch.distributed.checkpoint): any world size in, any world size out
@@ -37,6 +33,8 @@ from mhmoe.errors import CheckpointError
 def _wrap_experts(sd: dict[str, Any], model: nn.Module, par: Parallel, optim: bool) -> dict[str, Any]:
     """Expert-parallel tensors as DTensor shards of the full [E, ...] tensors (dim 0 over ep, replicated over dp),
     so that DCP stores global tensors and can reshard them; 1-process (full) tensors are left as they are."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     mods = expert_parallel_modules(model)
     if not mods:
         return sd
@@ -72,6 +70,9 @@ def save_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch
                      rank_state: dict[str, Any] | None = None) -> Path:
     """Write a DCP checkpoint (every rank its shards and `rank_state`; `extra` as trainer.json) atomically
     into `path`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}"
     if par.rank == 0:
@@ -98,6 +99,10 @@ def load_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch
                      par: Parallel | None = None) -> dict[str, Any]:
     """Load a DCP checkpoint written at any world size / ep degree into this topology's model (and optimizer);
     returns its trainer.json. With par None (one process, no process group) the model holds full tensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     path = Path(path)
     if not (path / ".metadata").is_file() or not (path / "trainer.json").is_file():
         raise CheckpointError(f"{path}: not a complete distributed checkpoint (.metadata / trainer.json missing)")

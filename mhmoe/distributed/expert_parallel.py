@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mhmoe.errors import ConfigError
+from mhmoe.layers.compile_boundary import eager_under_compile
 from mhmoe.layers.experts import DispatchStats, Experts, assignment_order, drop_over_capacity
 from mhmoe.layers.moe import MoELayer
 
@@ -92,7 +93,7 @@ class ExpertParallelExperts(Experts):
         return (f"experts {self.ep_rank * self.local_experts}..{(self.ep_rank + 1) * self.local_experts - 1} of "
                 f"{self.num_experts}, in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, ep={self.ep_size}")
 
-    @torch.compiler.disable  # data-dependent splits, as Experts.forward
+    @eager_under_compile  # data-dependent splits, as Experts.forward
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, capacity: int | None = None,
         priority: str = "token",

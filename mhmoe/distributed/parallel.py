@@ -21,9 +21,6 @@ from typing import Any, Callable, Literal, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from mhmoe.configbase import Config
 from mhmoe.distributed.expert_parallel import expert_parallel_modules, shard_experts
@@ -141,6 +138,10 @@ def init_parallel(parallel: ParallelConfig, device: torch.device, env: DistEnv |
         return Parallel(1, 0, 1, 1, device, parallel.dp)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # torch.distributed's mesh, FSDP2 and DTensor are imported once several processes run: together about 0.5 s of
+    # every process start, which one-process runs and the CLI's reports never need.
+    from torch.distributed.device_mesh import init_device_mesh
+
     ep = parallel.ep
     mesh = init_device_mesh(device.type, (env.world // ep, ep), mesh_dim_names=("dp", "ep"))
     world_mesh = init_device_mesh(device.type, (env.world,), mesh_dim_names=("world",))
@@ -161,6 +162,8 @@ def parallelize(model: Transformer, par: Parallel) -> nn.Module:
         return model
     experts = {p for _, m in expert_parallel_modules(model) for p in m.parameters()}
     if par.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
         for block in model.blocks:
             fully_shard(block, mesh=par.world_mesh, ignored_params=experts or None)
         fully_shard(model, mesh=par.world_mesh, ignored_params=experts or None)
@@ -198,6 +201,8 @@ def clip_grad_norm(model: nn.Module, par: Parallel, max_norm: float) -> torch.Te
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    from torch.distributed.tensor import DTensor
+
     experts = {id(p) for _, m in expert_parallel_modules(model) for p in m.parameters()}
     sq = torch.zeros((), device=par.device, dtype=torch.float64)
     for p in params:

@@ -12,7 +12,7 @@ FFNConfig.dispatch, resolved at every call for the input's device by `resolve_di
 and moved to CUDA switches):
   "sorted"      `SortedExpertsFn` (layers/sorted_experts.py): gather, experts and combine fused per expert group,
                 a hand-written backward, CPU threads over ranges of experts (layers/threads.py). One host sync (the
-                group sizes, `.tolist()`) per call; eager under torch.compile (`torch.compiler.disable`).
+                group sizes, `.tolist()`) per call; eager under torch.compile (`eager_under_compile`).
   "grouped_mm"  torch's grouped GEMM (F.grouped_mm): the rows gathered in expert order, three grouped matmuls with
                 end offsets = cumsum(counts) computed on the device, the combine through the inverse permutation
                 (each token sums its K rows, in float32 for 16-bit activations; deterministic, no atomics). No host
@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhmoe.layers.compile_boundary import eager_under_compile
 from mhmoe.layers import scatter_experts
 from mhmoe.layers.router import expert_counts
 from mhmoe.layers.scatter_experts import scatter_swiglu
@@ -194,7 +195,7 @@ ExpertsImplementation = Callable[["Experts", torch.Tensor, "Assignments", torch.
 
 # Eager under torch.compile: its group sizes are data (one host sync), and a graph specialised on them would
 # recompile for every new routing.
-@torch.compiler.disable
+@eager_under_compile
 def fused_sorted_experts(ex: "Experts", x: torch.Tensor, a: Assignments, weights: torch.Tensor) -> torch.Tensor:
     """dispatch="sorted": the fused `SortedExpertsFn` (combine mode), CPU threads per `ex.threading`."""
     order = a.compacted()  # [S']
@@ -212,7 +213,7 @@ def _grouped_swiglu(xs: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
 
 
 # torch.compile's shape function of _grouped_mm accepts bfloat16 only (torch 2.13): other dtypes run eagerly.
-_eager_grouped_swiglu = torch.compiler.disable(_grouped_swiglu)
+_eager_grouped_swiglu = eager_under_compile(_grouped_swiglu)
 
 
 def grouped_swiglu(xs: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
@@ -254,7 +255,7 @@ def scatter_experts_impl(ex: "Experts", x: torch.Tensor, a: Assignments, weights
                           ex.recompute)
 
 
-@torch.compiler.disable  # `_run_sorted` of subclasses may sync (group sizes on the host), as the fused path
+@eager_under_compile  # `_run_sorted` of subclasses may sync (group sizes on the host), as the fused path
 def gathered_experts(ex: "Experts", x: torch.Tensor, a: Assignments, weights: torch.Tensor) -> torch.Tensor:
     """Gather the kept rows in expert order, `ex._run_sorted` on them, weighted index_add_ combine, all under
     autograd: for subclasses whose experts are not plain SwiGLUs (BitNet's BitExperts)."""

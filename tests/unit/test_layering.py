@@ -108,3 +108,22 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def g():\n    from mhmoe.training.loop import train\n")
     assert imports(f, False) == [("mhmoe.training.loop", 2)] and imports(f, True) == []
+
+
+# What `import mhmoe.cli` (every `mhmoe` process) must not load: torch.compile's frontend and torch.distributed's
+# FSDP2 / DTensor / distributed checkpoints are imported where they are used (layers/compile_boundary.py,
+# distributed/parallel.py, distributed/dcp.py), together about 1.8 s of CPU per process otherwise.
+HEAVY_AT_IMPORT = ("torch._dynamo", "torch.distributed.tensor", "torch.distributed.fsdp",
+                   "torch.distributed.checkpoint")
+
+
+def test_importing_the_package_and_cli_loads_no_compiler_or_sharding_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, mhmoe, mhmoe.cli, mhmoe.training.loop\n"
+            f"print(','.join(m for m in {HEAVY_AT_IMPORT!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PACKAGE.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "", f"imported at start-up: {res.stdout.strip()}"
