@@ -4,7 +4,7 @@ TrainConfig.compile names the mode; `resolve_compile` decides what it means for 
 it. The one rule behind both: a step is *sync-free* when its forward traces as one graph, with no host sync and no
 data-dependent shape, which holds unless an MoE layer's expert dispatch runs eagerly:
     sorted      (auto's choice on CPU, and on CUDA outside bfloat16) reads the expert group sizes on the host
-                once per layer and is `torch.compiler.disable`d (layers/experts.py)
+                once per layer and runs eagerly under torch.compile (layers/compile_boundary.py)
     grouped_mm  sync-free in bfloat16 only: in other dtypes torch's grouped GEMM syncs and runs eagerly
     scatter     sync-free by its design (the Triton experts' dispatch, layers/scatter_experts.py); listed here
                 ahead of it, so FFNConfig.dispatch="scatter" gets fullgraph and CUDA graphs once it exists
