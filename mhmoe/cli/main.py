@@ -1,5 +1,5 @@
-"""The `mhmoe` command line: parity, train, consolidate, memory, eval, inspect, reproduce, export, bench, generate,
-data prepare.
+"""The `mhmoe` command line: parity, train, consolidate, memory, eval, inspect, reproduce, sensitivity, export, bench,
+generate, data prepare.
 
 Every user error (bad flag value, config key, data file, checkpoint) ends as one line on stderr and exit code 2;
 tracebacks are reserved for bugs. This package is the only place that parses flags and turns errors into exit
@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from mhmoe import runtime
-from mhmoe.cli import bench, consolidate, data, export, generate, memory, parity, reproduce, train
+from mhmoe.cli import bench, consolidate, data, export, generate, memory, parity, reproduce, sensitivity, train
 from mhmoe.cli import eval as evaluate
 from mhmoe.cli import inspect as inspect_run
 from mhmoe.errors import MhmoeError
@@ -22,8 +22,8 @@ from mhmoe.errors import MhmoeError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhmoe", description="Multi-Head Mixture-of-Experts (arXiv 2411.16205)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (parity, train, consolidate, memory, evaluate, inspect_run, reproduce, export, bench, generate,
-                    data):
+    for command in (parity, train, consolidate, memory, evaluate, inspect_run, reproduce, sensitivity, export, bench,
+                    generate, data):
         command.add_cli(sub)
     return parser
 

@@ -6,6 +6,7 @@ Read in this order:
     verdicts        seed-paired differences with Student-t intervals, the claims, the sanity check
     routing_report  routing health per run and the MH-MoE v1 activation claim
     report          tables.md, results.json and plots/ of a finished matrix
+    sensitivity     the same contrasts in records trained under different MoE settings, side by side
     parity_report   the FLOPs/parameter parity table of `mhmoe parity` (section 2.3)
 
 Imports run one way: from the training stack (mhmoe.training, mhmoe.complexity) up into this package, and from
