@@ -36,6 +36,8 @@ from mhmoe.training.step import train_step
 
 # `--compile`: "preset" = as `mhmoe train` runs the preset (its TrainConfig.compile), or a TrainConfig.compile mode.
 COMPILE_MODES = ("preset", "auto", "off", "on", "cudagraphs")
+# `--compile-backend`: torch.compile backends a benchmark may name (inductor is what `mhmoe train` compiles with).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # Steps of each model timed alone after its warm-up (the median of 3 is robust to one slow step).
 ALONE_STEPS = 3
 Progress = Callable[[list[dict], dict], None]  # (the records so far, what stage they come from)
@@ -112,7 +114,7 @@ def bench_train(args: argparse.Namespace, log: Callable[[str], None],
             cfg = bench_config(preset(args.preset, variant).replace(dtype=dtype), mode)
             torch.manual_seed(args.seed + i)
             model = Transformer(cfg.model).to(device)
-            net = compile_model(model, cfg, device)  # as the loop compiles it
+            net = compile_model(model, cfg, device, backend=getattr(args, "compile_backend", "inductor"))
             key = _key(variant, dtype)
             resolved[key] = resolve_compile(cfg, device)
             steps[key] = training_step(cfg, model, net, device, args.seed, resolved[key])

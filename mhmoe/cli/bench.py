@@ -17,7 +17,7 @@ from mhmoe.bench.layers import MODES, bench_layers
 from mhmoe.bench.mfu import peak_tflops
 from mhmoe.bench.report import format_sampling, format_table, format_train_lines
 from mhmoe.bench.stats import LEVEL
-from mhmoe.bench.train import COMPILE_MODES, bench_train
+from mhmoe.bench.train import COMPILE_BACKENDS, COMPILE_MODES, bench_train
 from mhmoe.bench.variants import PAPER_LAYERS, layer_variants
 from mhmoe.errors import UserError
 from mhmoe.fileio import atomic_write_text
@@ -132,8 +132,12 @@ def _cli(args: argparse.Namespace) -> int:
         if args.compile not in COMPILE_MODES:
             raise UserError(f"--compile: expected one of {', '.join(COMPILE_MODES)} (bare --compile: on), "
                             f"got {args.compile!r}")
+        if args.compile_backend not in COMPILE_BACKENDS:
+            raise UserError(f"--compile-backend: expected one of {', '.join(COMPILE_BACKENDS)}, "
+                            f"got {args.compile_backend!r}")
         _profile_flags(args)
-        meta.update(preset=args.preset, rounds=args.rounds, compile=args.compile, profile=args.profile)
+        meta.update(preset=args.preset, rounds=args.rounds, compile=args.compile,
+                    compile_backend=args.compile_backend, profile=args.profile)
         records, gemm, sampling = bench_train(args, log, progress)
     meta.update(sampling=sampling, target_reached=all(s["target_reached"] for s in sampling.values()),
                 gemm_gflops=gemm, wall_s=round(time.perf_counter() - t0, 1),
@@ -198,6 +202,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                     help=f"{', '.join(COMPILE_MODES)}: compile each model as `mhmoe train` does for the preset "
                          "(default), or with that TrainConfig.compile mode (bare --compile: on); warm-up time in "
                          "warmup_s")
+    tr.add_argument("--compile-backend", default="inductor", metavar="BACKEND",
+                    help=f"{', '.join(COMPILE_BACKENDS)}: torch.compile's backend for the compiled models (default "
+                         "inductor, as `mhmoe train`; aot_eager traces the same graphs without generating code, "
+                         "e.g. to check the plumbing where no C++ or CUDA toolchain is at hand)")
     tr.add_argument("--profile", default=None, metavar="DIR",
                     help="after the warm-up, profile --profile-steps steps of each --profile-variants variant: "
                          "DIR/trace.json, DIR/profile.md, DIR/profile.json (the step split into its parts)")

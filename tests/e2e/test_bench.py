@@ -217,16 +217,19 @@ def test_bench_train_compile_flag(capsys, monkeypatch):
     compiled = []
     real = torch.compile
 
-    def aot_eager(model, **kw):  # dynamo and autograd tracing without inductor's C++ build
-        compiled.append(type(model).__name__)
-        return real(model, backend="aot_eager")
+    def spy(model, **kw):
+        compiled.append((type(model).__name__, kw["backend"]))
+        return real(model, **kw)
 
-    monkeypatch.setattr(torch, "compile", aot_eager)
+    monkeypatch.setattr(torch, "compile", spy)
     torch._dynamo.reset()
+    # aot_eager: dynamo and autograd tracing without inductor's C++ build
     assert main(["bench", "train", "--json", "--preset", "smoke", "--variants", "smoe", "--rounds", "2",
-                 "--threads", "1", "--compile", *FAST]) == 0
-    (rec,) = json.loads(capsys.readouterr().out)["records"]
-    assert compiled == ["Transformer"] and rec["compiled"] is True and rec["warmup_s"] > 0
+                 "--threads", "1", "--compile", "--compile-backend", "aot_eager", *FAST]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (rec,) = out["records"]
+    assert compiled == [("Transformer", "aot_eager")] and out["meta"]["compile_backend"] == "aot_eager"
+    assert rec["compiled"] is True and rec["warmup_s"] > 0
     assert rec["peak_mem_mb"] is None  # no memory pass over compiled graphs
     assert rec["median_ms"] > 0
 
@@ -237,6 +240,8 @@ def test_bench_train_compile_flag(capsys, monkeypatch):
     (["bench", "layers", "--dim", "100"], "--dim: must be divisible by 2 and 3"),
     (["bench", "layers", "--impls", "magic"], "--impls: expected a comma-separated subset"),
     (["bench", "layers", "--rounds", "0"], "--rounds: must be >= 1"),
+    (["bench", "train", "--compile-backend", "tvm"], "--compile-backend: expected one of inductor, aot_eager, eager, "
+                                                     "got 'tvm'"),
     (["bench", "layers", "--target-ci", "0"], "--target-ci: expected a fraction in (0, 1], e.g. 0.03 for +-3%"),
     (["bench", "train", "--target-ci", "3%"], "--target-ci: expected a fraction in (0, 1]"),
     (["bench", "layers", "--max-seconds", "-1"], "--max-seconds: expected seconds >= 0"),
