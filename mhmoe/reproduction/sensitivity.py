@@ -11,13 +11,16 @@ mean over paired seeds of loss(better) - loss(worse), domains averaged, with its
 Whether a row MOVED from the first column to another is a contrast of its own: per seed, the row's difference in
 that column minus the same in the first column, paired by seed id (the records share seeds, data order and
 evaluation sets), with its interval. An interval that excludes 0 says the setting changed the difference by more
-than seed noise; one that contains 0 resolves no change.
+than seed noise; one that contains 0 resolves no change. The same is given for every model's own loss (the dense
+model, trained with the same config in every record, shows how far two records of one model differ), so that a
+contrast that moved can be read as which of its two models moved.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +52,9 @@ class Source:
         for item in sel.split(","):
             base, eq, variant = item.partition("=")
             base, variant = base.strip(), (variant.strip() if eq else base.strip())
-            if base not in TABLE1 or base == "dense":
-                raise UserError(f"{flag}: {spec!r}: {base!r} is no MoE model of Table 1; use one of "
-                                f"{', '.join(v for v in TABLE1 if v != 'dense')} (as MODEL or MODEL=VARIANT)")
+            if base not in TABLE1:
+                raise UserError(f"{flag}: {spec!r}: {base!r} is no model of Table 1; use one of "
+                                f"{', '.join(TABLE1)} (as MODEL or MODEL=VARIANT)")
             models[base] = variant
         return cls(_results_path(path, flag), models)
 
@@ -90,7 +93,7 @@ def column_records(column: Column, flag: str = "--column") -> list[dict[str, Any
     for src in column.sources:
         recs, profile = _read(src, flag)
         column.profile.append(profile)
-        wanted = src.models if src.models is not None else {v: v for v in TABLE1 if v != "dense"}
+        wanted = src.models if src.models is not None else {v: v for v in TABLE1}
         for base, variant in wanted.items():
             got = [{**x, "variant": base} for x in recs if x["variant"] == variant and not x.get("bitnet")]
             if got:
@@ -106,10 +109,33 @@ def _per_seed(recs: list[dict[str, Any]], better: str, worse: str, column: str) 
     return {s: a[s]["mean"] - b[s]["mean"] for s in sorted(set(a) & set(b))}
 
 
+def _shift(base: dict[int, float], here: dict[int, float]) -> dict[str, Any] | None:
+    """here - base per shared seed: mean, 95% t-interval, and whether it resolves a change."""
+    seeds = sorted(set(base) & set(here))
+    if not seeds:
+        return None
+    mean, lo, hi = paired_interval([here[s] - base[s] for s in seeds])
+    moved = ("not tested (1 seed)" if len(seeds) < 2 else "lower" if hi < 0 else "higher" if lo > 0
+             else "no change resolved")
+    return {"mean_diff_nats": mean, "ci95": [lo, hi] if len(seeds) > 1 else None, "n_seeds": len(seeds),
+            "moved": moved}
+
+
 def sensitivity(columns: list[Column], milestone: str = "100%") -> dict[str, Any]:
     """Every row of ROWS in every column (Comparison as a dict, or None where the column lacks a model), and the
-    row's shift from the first column, seed-paired: {"columns": [...], "rows": [...]}."""
+    row's shift from the first column, seed-paired; then every model's own loss per column and its shift from the
+    first column (what moved the contrasts): {"columns": [...], "rows": [...], "models": [...]}."""
     recs = [column_records(c) for c in columns]
+    models = []
+    for m in TABLE1:
+        per_col = [{s: v["mean"] for s, v in losses(r, m, False, milestone).items()} for r in recs]
+        if not any(per_col):
+            continue
+        models.append({"model": TABLE1[m].label, "variant": m,
+                       "cells": [{"mean_loss": statistics.fmean(c.values()), "n_seeds": len(c), "seeds": sorted(c)}
+                                 if c else None for c in per_col],
+                       "shift_from_first": [_shift(per_col[0], c) if per_col[0] and c else None
+                                            for c in per_col[1:]]})
     rows = []
     for better, worse in ROWS:
         cells, shifts = [], []
@@ -119,23 +145,14 @@ def sensitivity(columns: list[Column], milestone: str = "100%") -> dict[str, Any
             cells.append(None if c is None else {k: v for k, v in c.as_dict().items() if k != "per_domain"})
             if i == 0:
                 continue
-            here = _per_seed(col_recs, better, worse, milestone)
-            seeds = sorted(set(base) & set(here))
-            if not seeds:
-                shifts.append(None)
-                continue
-            mean, lo, hi = paired_interval([here[s] - base[s] for s in seeds])
-            moved = ("not tested (1 seed)" if len(seeds) < 2 else "lower" if hi < 0 else "higher" if lo > 0
-                     else "no change resolved")
-            shifts.append({"mean_diff_nats": mean, "ci95": [lo, hi] if len(seeds) > 1 else None,
-                           "n_seeds": len(seeds), "moved": moved})
+            shifts.append(_shift(base, _per_seed(col_recs, better, worse, milestone)))
         rows.append({"comparison": f"{TABLE1[better].label} - {TABLE1[worse].label}", "better": better,
                      "worse": worse, "cells": cells, "shift_from_first": shifts})
     return {"milestone": milestone, "domains": list(DOMAINS),
             "columns": [{"label": c.label, "profiles": c.profile,
                          "sources": [{"path": str(s.path), "models": s.models} for s in c.sources]}
                         for c in columns],
-            "rows": rows}
+            "rows": rows, "models": models}
 
 
 def _ci(lo_hi: list[float] | None) -> str:
@@ -174,4 +191,17 @@ def render(result: dict[str, Any]) -> str:
                 size += (", more than seed noise" if shift["moved"] in ("lower", "higher") else ", within seed noise")
             said.append(f"under {col['label']}, {moved}; {size}")
         lines.append(f"- **{row['comparison']}** (from {first}): " + "; ".join(said) + ".")
+    lines += ["", f"Each model's own mean evaluation loss (nats, 3 domains, {result['milestone']}), and in brackets its "
+              f"seed-paired change from {first}:", "",
+              "| model | " + " | ".join(c["label"] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in result["models"]:
+        cells = ["-" if m["cells"][0] is None else f"{m['cells'][0]['mean_loss']:.4f} (n={m['cells'][0]['n_seeds']})"]
+        for c, sh in zip(m["cells"][1:], m["shift_from_first"]):
+            if c is None:
+                cells.append("-")
+            elif sh is None:
+                cells.append(f"{c['mean_loss']:.4f} (n={c['n_seeds']})")
+            else:
+                cells.append(f"{c['mean_loss']:.4f} ({sh['mean_diff_nats']:+.4f} {_ci(sh['ci95'])}, n={sh['n_seeds']})")
+        lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

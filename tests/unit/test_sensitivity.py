@@ -68,8 +68,17 @@ def test_contrasts_and_shifts_equal_the_hand_computed_paired_intervals(records):
     assert rows["Fine-grained SMoE - SMoE"]["cells"][2]["mean_diff_nats"] == pytest.approx(
         statistics.fmean([-0.1, -0.1, -0.05]))
     assert [c["profiles"] for c in res["columns"]] == [["mhmoe"], ["authors"], ["mhmoe", "mhmoe"]]
+    # Each model's own loss: the authors' SMoE is worse than ours by [0.1, 0.12, 0.15] per seed; dense is the same.
+    models = {m["variant"]: m for m in res["models"]}
+    m, lo, hi = _t_interval([0.1, 0.12, 0.15])
+    assert models["smoe"]["shift_from_first"][0]["mean_diff_nats"] == pytest.approx(m)
+    assert models["smoe"]["shift_from_first"][0]["ci95"] == pytest.approx([lo, hi])
+    assert models["dense"]["shift_from_first"][0]["mean_diff_nats"] == pytest.approx(0.0, abs=1e-12)
+    assert models["dense"]["cells"][2] is None and models["smoe"]["cells"][2]["mean_loss"] == pytest.approx(
+        statistics.fmean([3.9, 4.0, 4.05]) + 0.01)
     text = render(res)
     assert "| MH-MoE (head=3) - SMoE | +0.0167 [" in text
+    assert "| SMoE | 3.9933 (n=3) | 4.1167 (+0.1233 [" in text
     assert "under authors, the verdict moves from reversed to holds; the difference shifts by -0.0667 nats [" in text
     assert "- **Fine-grained SMoE - SMoE**: not measured under ours, so no shift from it." in text
 
@@ -84,8 +93,8 @@ def test_a_later_source_overrides_an_earlier_one(records):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("{raw}:mhmoe-h9=x", "'mhmoe-h9' is no MoE model of Table 1"),
-    ("{raw}:dense", "'dense' is no MoE model of Table 1"),
+    ("{raw}:mhmoe-h9=x", "'mhmoe-h9' is no model of Table 1"),
+    ("{raw}:smoe-authors", "'smoe-authors' is no model of Table 1; use one of dense, smoe, fine-grained"),
     ("{raw}:mhmoe-h3=mhmoe-h3-authors", "holds no 'mhmoe-h3-authors' (it holds fine-grained-rawgates, "
                                         "mhmoe-h3-rawgates)"),
     ("{raw}/nowhere", "holds no results.json"),
