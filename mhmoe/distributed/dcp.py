@@ -100,8 +100,8 @@ def load_distributed(path: str | os.PathLike, model: nn.Module, optimizer: torch
     """Load a DCP checkpoint written at any world size / ep degree into this topology's model (and optimizer);
     returns its trainer.json. With par None (one process, no process group) the model holds full tensors."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
 
     path = Path(path)
     if not (path / ".metadata").is_file() or not (path / "trainer.json").is_file():

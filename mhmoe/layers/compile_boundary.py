@@ -9,8 +9,8 @@ at each call instead:
     wrapper lives in torch._compile, a module dynamo never traces: the call is a graph break, and the wrapper
     (importing torch._dynamo then, already loaded) runs fn under `torch._dynamo.disable`, i.e. eagerly with nothing
     inside it compiled. torch.optim's optimizers use the same wrapper for the same reason.
-tests/unit/test_compile.py checks both: no torch._dynamo after `import mhmoe`, and the compiled model graph-breaks
-at these calls without tracing into them or recompiling for new routings.
+tests/unit/test_layering.py checks that `import mhmoe` loads no torch._dynamo; tests/unit/test_compile.py that the
+compiled model graph-breaks at these calls without tracing into them or recompiling for new routings.
 """
 
 from __future__ import annotations

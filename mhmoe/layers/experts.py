@@ -65,8 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhmoe.layers.compile_boundary import eager_under_compile
 from mhmoe.layers import scatter_experts
+from mhmoe.layers.compile_boundary import eager_under_compile
 from mhmoe.layers.router import expert_counts
 from mhmoe.layers.scatter_experts import scatter_swiglu
 from mhmoe.layers.sorted_experts import acc_dtype, compute_dtype, sorted_experts_combine, sorted_experts_rows

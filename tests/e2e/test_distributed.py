@@ -144,7 +144,7 @@ def _argv(out, cache, *extra, model="mhmoe-h2"):
     return argv
 
 
-def _torchrun(out, cache, *extra, model="mhmoe-h2", **env):
+def _two_ranks(out, cache, *extra, model="mhmoe-h2", **env):
     """2 ranks of `mhmoe train` in torchrun's environment, without its agent (about 2 s of every launch here):
     what is compared is the training, not the launcher. torchrun itself launches the DDP test of test_train.py and
     the bad-config test below."""
@@ -175,7 +175,7 @@ def _close(a, b, rel=1e-4):
 def fsdp_ep(reference):
     """The 2-process FSDP2 x EP2 run of the reference's config."""
     base, _ = reference
-    _torchrun(base / "fsdp_ep", base / "cache", "--ep", "2", "--dp", "fsdp")
+    _two_ranks(base / "fsdp_ep", base / "cache", "--ep", "2", "--dp", "fsdp")
     return base / "fsdp_ep"
 
 
@@ -238,7 +238,7 @@ def test_parallel_run_logs_what_a_one_process_run_logs(reference, fsdp_ep):
 @pytest.mark.parametrize("dp, ep", [("ddp", 2), ("fsdp", 1)])
 def test_ddp_ep_and_plain_fsdp_training_match_one_process(reference, dp, ep):
     base, _ = reference
-    got = _torchrun(base / f"{dp}_{ep}", base / "cache", "--ep", str(ep), "--dp", dp)
+    got = _two_ranks(base / f"{dp}_{ep}", base / "cache", "--ep", str(ep), "--dp", dp)
     print(f"{dp.upper()} x EP{ep} (2 processes) losses {got}")
     assert _close(got, _losses(base / "ref"))
 
@@ -252,7 +252,7 @@ def test_aux_loss_free_bias_under_expert_parallelism_matches_one_process(referen
 
     base, _ = reference
     train(resolve_config("smoke", "mhmoe-h2-alf", SETS), base / "alf_ref", ROOT, base / "cache", progress=False)
-    got = _torchrun(base / "alf_ep", base / "cache", "--ep", "2", "--dp", "ddp", model="mhmoe-h2-alf")
+    got = _two_ranks(base / "alf_ep", base / "cache", "--ep", "2", "--dp", "ddp", model="mhmoe-h2-alf")
     assert _close(got, _losses(base / "alf_ref"))
     one = load_file(str(base / "alf_ref" / "checkpoints" / "step_0000004" / "model.safetensors"))
     two = load_file(str(base / "alf_ep" / "checkpoints" / "step_0000004" / "model.safetensors"))
@@ -266,11 +266,11 @@ def test_aux_loss_free_bias_under_expert_parallelism_matches_one_process(referen
 def test_parallel_resume_is_bit_exact(reference, fsdp_ep):
     base, _ = reference
     part = base / "fsdp_ep_resumed"
-    assert _torchrun(part, base / "cache", "--ep", "2", "--dp", "fsdp", MHMOE_TEST_STOP_AFTER="3") == \
+    assert _two_ranks(part, base / "cache", "--ep", "2", "--dp", "fsdp", MHMOE_TEST_STOP_AFTER="3") == \
         _losses(fsdp_ep)[:3]
     assert sorted(p.name for p in (part / "dcp").iterdir()) == ["step_0000002"]
     assert (part / "checkpoints" / "step_0000002").is_dir()  # the newest one consolidated when it stopped
-    _torchrun(part, base / "cache", "--ep", "2", "--dp", "fsdp")  # resumes from step 2, re-does 3
+    _two_ranks(part, base / "cache", "--ep", "2", "--dp", "fsdp")  # resumes from step 2, re-does 3
     assert _losses(part) == _losses(fsdp_ep)  # exact float equality
     assert _records(part, "evals.jsonl") == _records(fsdp_ep, "evals.jsonl")
 
