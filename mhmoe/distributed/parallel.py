@@ -258,11 +258,6 @@ def together(par: Parallel, fn: Callable[[], T]) -> T:
         shared = TrainingError(f"rank {par.rank} failed with {type(err).__name__}; see its traceback above")
     errors: list[Any] = [None] * par.world
     dist.all_gather_object(errors, shared)
-    if any(e is not None for e in errors):
-        # Every rank is about to exit: leave the collectives together first, so that no rank closes its gloo
-        # connections while another still reads the gathered errors from it (that rank would abort with SIGABRT,
-        # which torchrun then reports instead of the exit code 2 of the refusal).
-        dist.barrier()
     if err is not None:
         raise err
     first = next((e for e in errors if e is not None), None)
