@@ -246,21 +246,25 @@ def together(par: Parallel, fn: Callable[[], T]) -> T:
         result, err = fn(), None
     except Exception as e:  # noqa: BLE001 (shared, then re-raised)
         result, err = None, e
-    if par.world == 1:
-        if err is not None:
-            raise err
-        return result
+    if par.world > 1:
+        if err is None:
+            shared = None
+        elif isinstance(err, MhmoeError):
+            shared = err
+        else:  # a bug, not a refusal: the others say where to look
+            shared = TrainingError(f"rank {par.rank} failed with {type(err).__name__}; see its traceback above")
+        errors: list[Any] = [None] * par.world
+        dist.all_gather_object(errors, shared)
+        if err is None:
+            err = next((e for e in errors if e is not None), None)
+        del errors, shared
     if err is None:
-        shared = None
-    elif isinstance(err, MhmoeError):
-        shared = err
-    else:  # a bug, not a refusal: the others say where to look
-        shared = TrainingError(f"rank {par.rank} failed with {type(err).__name__}; see its traceback above")
-    errors: list[Any] = [None] * par.world
-    dist.all_gather_object(errors, shared)
-    if err is not None:
+        return result
+    # Raised without a reference to it left in this frame: the traceback holds the frame, and a frame that holds
+    # the exception is a cycle that keeps every caller's frame, and so the process groups, alive until the garbage
+    # collector runs, at worst in the interpreter's finalisation. Gloo's threads freed there abort the process
+    # ("terminate called without an active exception", SIGABRT; one torchrun launch in about 30 refused so).
+    try:
         raise err
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
-    return result
+    finally:
+        del err
