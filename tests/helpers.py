@@ -121,26 +121,85 @@ def rank_logs(log_dir: Path, name: str = "stderr.log") -> list[str]:
     return [f.read_text() for f in files]
 
 
+# The ranks of ranks_like_torchrun are forked from one server process per test process that has imported torch,
+# its compiler front end (which the optimizer imports at its first step) and the CLI once: a fresh interpreter
+# spends about 2.5 CPU seconds on those imports before it trains a step, twice per launch, and the distributed
+# tests launch 2 ranks about 15 times. A forked rank is otherwise what torchrun starts: the driver below under
+# torchrun's environment, its own stdout and stderr, its exit code. The server has run no torch op, so no OpenMP
+# pool or other thread is forked with it. (torchrun itself still launches the DDP test of test_train.py and the
+# bad-config test of test_distributed.py.)
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "mhmoe.cli", "mhmoe.cli.train", "mhmoe.training.loop"]
+
+
+def forkserver():
+    """The multiprocessing context whose processes fork from a server that has imported _PRELOAD."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts: the first process of this test process
+    return ctx
+
+
+def _with_env(rank: int, fn, env: dict, *args) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
+def start_ranks(fn, args: tuple, nprocs: int) -> None:
+    """torch.multiprocessing.spawn(fn, args, nprocs) with the ranks forked from the forkserver above, each under
+    this process's environment of now (the server's is that of when it started)."""
+    import torch.multiprocessing as mp
+
+    forkserver()
+    mp.start_processes(_with_env, args=(fn, dict(os.environ), *args), nprocs=nprocs, start_method="forkserver",
+                       join=True)
+
+
+def _driver_main(argv: list[str], env: dict, out: str, err: str) -> None:
+    """`mhmoe ARGV` through the driver in a forked process: `env` as its whole environment, stdout/stderr to
+    files. Its exit code is the driver's; it ends with os._exit, without the interpreter's own exit."""
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.argv = ["mhmoe_test_driver.py", *argv]
+    exec(compile(_DRIVER, "mhmoe_test_driver.py", "exec"), {"__name__": "__main__"})
+
+
+def fork_mhmoe(argv: list[str], env: dict, out: str | Path, err: str | Path):
+    """A started process (multiprocessing.Process) that runs `mhmoe ARGV` through the driver, forked from the
+    server (no imports to wait for); stdout and stderr go to the files OUT and ERR."""
+    proc = forkserver().Process(target=_driver_main, args=(list(argv), dict(env), str(out), str(err)))
+    proc.start()
+    return proc
+
+
 def ranks_like_torchrun(argv: list[str], log_dir: Path, nproc: int = 2, timeout: int = 300,
                         **env: str) -> list[tuple[int, str]]:
     """(exit code, stderr) of each rank of `mhmoe ARGV` (through the test driver) started as torchrun starts them
     (its environment: MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE, ...) but watched one by one: torchrun's
-    agent sends SIGTERM to the other ranks as soon as one exits, so their own exit codes and last words are lost."""
+    agent sends SIGTERM to the other ranks as soon as one exits, so their own exit codes and last words are lost.
+    The ranks are forked (forkserver above); their stdout/stderr are LOG_DIR/stdout-<rank>.log, stderr-<rank>.log."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    driver = log_dir / "mhmoe_test_driver.py"
-    driver.write_text(_DRIVER)
     port = str(free_port())
     procs = []
     for rank in range(nproc):
         rank_env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
                                   WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", **env)
-        with open(log_dir / f"stdout-{rank}.log", "w") as out, open(log_dir / f"stderr-{rank}.log", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, str(driver), *argv], env=rank_env, stdout=out, stderr=err))
+        procs.append(fork_mhmoe(argv, rank_env, log_dir / f"stdout-{rank}.log", log_dir / f"stderr-{rank}.log"))
     try:
-        codes = [p.wait(timeout=timeout) for p in procs]
+        for p in procs:
+            p.join(timeout)
+        late = [rank for rank, p in enumerate(procs) if p.exitcode is None]
+        if late:
+            raise TimeoutError(f"ranks {late} of {argv} still ran after {timeout} s")
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.exitcode is None:
                 p.kill()
-    return [(code, (log_dir / f"stderr-{rank}.log").read_text()) for rank, code in enumerate(codes)]
+                p.join()
+    return [(p.exitcode, (log_dir / f"stderr-{rank}.log").read_text()) for rank, p in enumerate(procs)]

@@ -2,8 +2,8 @@
 4 processes as 2 data-parallel x 2 expert-parallel and as 1 x 4); `torchrun ... mhmoe train` with FSDP2 + EP,
 DDP + EP and FSDP2 alone matches the 1-process run for the same global batch (losses, metrics.jsonl keys,
 evals.jsonl records), resumes bit for bit, stops on a NaN loss keeping its last checkpoint, and refuses a bad
-config with the same one line on every rank (ranks started in torchrun's environment; torchrun itself for the
-bad config); a DCP checkpoint written by 2 processes reloads in one
+config with the same one line on every rank (ranks forked in torchrun's environment, tests/helpers.py; torchrun
+itself for the refusal that needs the process group); a DCP checkpoint written by 2 processes reloads in one
 (`mhmoe consolidate`: the 1-process run's weights; `mhmoe train` resumes from it). Also the calculators."""
 
 import copy
@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import shared_data_root
-from helpers import free_port, rank_logs, ranks_like_torchrun, torchrun_mhmoe
+from helpers import free_port, rank_logs, ranks_like_torchrun, start_ranks, torchrun_mhmoe
 
 from mhmoe.distributed.memory import comm_volume_per_token, memory_per_gpu, memory_table
 from mhmoe.distributed.parallel import ParallelConfig
@@ -99,8 +98,7 @@ def _ep_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_expert_parallel_layer_equals_single_process(tmp_path):
     world = 4
-    mp.start_processes(_ep_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="spawn",
-                       join=True)
+    start_ranks(_ep_worker, (world, free_port(), str(tmp_path)), world)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     worst = max(v["max_err"] for rep in reports for v in rep.values())
     print(f"expert parallel vs single process: max |error| over outputs and all gradients = {worst:.2e}")
@@ -290,7 +288,7 @@ def test_parallel_nan_loss_stops_every_rank_and_keeps_the_checkpoint(reference, 
     assert len(_losses(run)) == 2
 
 
-@pytest.mark.parametrize("extra, message", [
+BAD_CONFIGS = [
     # refused by every rank before the process group starts
     (["--set", "batch_size=1", "--set", "tokens_per_step=192"],
      "TrainConfig.tokens_per_step: 192 (3 sequences of seq_len 64) cannot be split evenly over 2 processes; use "
@@ -298,19 +296,37 @@ def test_parallel_nan_loss_stops_every_rank_and_keeps_the_checkpoint(reference, 
     (["--ep", "3"], "--ep: must divide the number of processes (2), got 3"),
     # refused by rank 0 (the run directory holds another run), told to rank 1
     (["--set", "seed=7"], "holds a run with a different config (seed: 1337 in the run, 7 now)"),
-])
-def test_bad_config_under_torchrun_is_one_line_on_every_rank(reference, tmp_path, extra, message):
+]
+
+
+def _bad_config_run(reference, tmp_path):
     base, _ = reference
     run = tmp_path / "run"
     shutil.copytree(base / "ref", run, ignore=shutil.ignore_patterns("checkpoints", "tb", ".lock"))
+    return base, run
+
+
+@pytest.mark.parametrize("extra, message", BAD_CONFIGS)
+def test_bad_config_is_one_line_on_every_rank(reference, tmp_path, extra, message):
+    base, run = _bad_config_run(reference, tmp_path)
     ranks = ranks_like_torchrun(_argv(run, base / "cache", *extra), tmp_path / "logs")
     assert [code for code, _ in ranks] == [2, 2], ranks
     err = ranks[0][1]
     assert ranks[1][1] == err and err.count("\n") == 1 and "Traceback" not in err and message in err, err
-    # torchrun itself: the same line from each rank, and its report of an exit code 2.
+
+
+def test_bad_config_under_torchrun_itself_is_one_line_on_every_rank_and_exit_code_2(reference, tmp_path):
+    """torchrun's agent and fresh interpreters (the forked ranks above end without the interpreter's own exit):
+    the refusal that needs the process group (rank 0's, told to rank 1), the same line from each rank, and the
+    agent's report of an exit code 2."""
+    base, run = _bad_config_run(reference, tmp_path)
+    extra, message = BAD_CONFIGS[-1]
     res = torchrun_mhmoe(_argv(run, base / "cache", *extra), tmp_path / "torchrun")
-    assert res.returncode != 0 and "exitcode  : 2" in res.stderr
-    assert all(log in ("", err) for log in rank_logs(tmp_path / "torchrun")) and err in rank_logs(tmp_path / "torchrun")
+    assert res.returncode != 0 and "exitcode  : 2" in res.stderr, res.stderr[-3000:]
+    logs = rank_logs(tmp_path / "torchrun")
+    line = next(log for log in logs if log)
+    assert all(log in ("", line) for log in logs) and line.count("\n") == 1 and message in line, logs
+    assert "Traceback" not in line
 
 
 def test_distributed_cli_errors_are_one_line(tmp_path, capsys):
@@ -364,3 +380,35 @@ def test_comm_volume_is_independent_of_heads_and_memory_calculator():
     table = memory_table({v: preset("paper", v).model for v in ("smoe", "mhmoe-h2", "mhmoe-h3")})
     print(table)
     assert table.count("\n") == 4 and "mhmoe-h3" in table
+
+
+def test_a_refusal_through_together_leaves_no_reference_cycle():
+    """An error raised through `together` is freed with what its callers' frames hold (in a run: the process
+    groups) as soon as it is handled, not by the garbage collector: Gloo's threads freed in the interpreter's
+    finalisation abort the process (SIGABRT, seen under torchrun). With the exception left in `together`'s frame
+    (`err = e; raise err`), `held` below outlives the handler."""
+    import gc
+    import weakref
+
+    from mhmoe.distributed.parallel import Parallel, together
+    from mhmoe.errors import UserError
+
+    class Held:
+        pass
+
+    def refuse():
+        raise UserError("--out: holds another run")
+
+    def caller(held, par):
+        together(par, refuse)
+
+    held = Held()
+    alive = weakref.ref(held)
+    gc.disable()
+    try:
+        with pytest.raises(UserError, match="holds another run"):
+            caller(held, Parallel(world=1, rank=0, dp=1, ep=1, device=torch.device("cpu")))
+        del held
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import shared_data_root
+from helpers import start_ranks
 from safetensors.torch import load_file
 
 from mhmoe.reproduction import reproduce as R
@@ -78,7 +78,7 @@ def _bias_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_bias_update_over_two_gloo_ranks_equals_one_process_on_summed_loads(tmp_path):
     world = 2
-    mp.spawn(_bias_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    start_ranks(_bias_worker, (world, _free_port(), str(tmp_path)), world)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert got[0] == got[1]  # identical biases and records on every rank
     cfg = model_config(BASE, "mhmoe-h2-alf", 97, 64)

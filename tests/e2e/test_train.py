@@ -7,7 +7,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import shared_data_root
-from helpers import rank_logs, torchrun_mhmoe
+from helpers import fork_mhmoe, ranks_like_torchrun
 
 from mhmoe.cli import main
 from mhmoe.errors import TrainingError
@@ -128,27 +127,27 @@ def test_killed_mid_training_then_resumed_matches_the_uninterrupted_run(tmp_path
     cfg = _cfg("smoe", steps=20, ckpt_every=5, eval_every=4)
     train(cfg, tmp_path / "ref", ROOT, cache, progress=False)
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mhmoe.cli", "train", "--preset", "smoke", "--model", "smoe", "--out", str(run),
+    argv = ["train", "--preset", "smoke", "--model", "smoe", "--out", str(run),
            "--data-root", str(ROOT), "--cache-dir", str(cache), "--no-progress", "--set", "threads=1",
            "--set", "steps=20", "--set", "ckpt_every=5", "--set", "eval_every=4"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = fork_mhmoe(argv, _env(), os.devnull, os.devnull)  # forked: no imports to wait for
     metrics, first_ckpt = run / "metrics.jsonl", run / "checkpoints" / "step_0000005" / "manifest.json"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.is_alive():
         if first_ckpt.is_file() and len(metrics.read_text().splitlines()) >= 6:
             break
         time.sleep(0.005)
-    proc.send_signal(sig)
-    proc.wait()
-    assert proc.returncode == -sig
+    os.kill(proc.pid, sig)
+    proc.join()
+    assert proc.exitcode == -sig
     logged = len(metrics.read_text().splitlines())
     newest = max(s for s, _ in list_checkpoints(run))
     assert 5 <= newest <= logged < 20  # killed after its first checkpoint, before the end
     # The killed invocation's training time survives (recorded with each checkpoint, not only at exit).
     wall_killed = json.loads((run / "train_wall.json").read_text())["wall_s"]
     assert wall_killed > 0
-    # The same command resumes it; in this process, which spares a process start (~4 s of imports).
-    assert main(cmd[3:]) == 0, capsys.readouterr().err
+    # The same command resumes it, in this process.
+    assert main(argv) == 0, capsys.readouterr().err
     assert json.loads((run / "train_wall.json").read_text())["wall_s"] > wall_killed
     steps, evals = _train_log(run)
     assert (steps, evals) == _train_log(tmp_path / "ref")  # exact: data position, RNG and schedule restored
@@ -261,8 +260,10 @@ def test_ddp_two_processes_match_one(tmp_path, cache, capsys):
             "--no-progress", "--set", "steps=3", "--set", "threads=1",
             "--set", "model.moe_ffn.lb_coef=0"]  # the balance loss is per rank by design; drop it for equality
     assert main([*base, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
-    two = torchrun_mhmoe([*base, "--out", str(tmp_path / "two")], tmp_path / "logs")
-    assert two.returncode == 0, rank_logs(tmp_path / "logs")[0][-2000:]
+    # Ranks as torchrun starts them (forked, tests/helpers.py); torchrun itself launches test_distributed.py's
+    # bad-config test.
+    two = ranks_like_torchrun([*base, "--out", str(tmp_path / "two")], tmp_path / "logs")
+    assert [code for code, _ in two] == [0, 0], [err[-2000:] for _, err in two]
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(l1) == len(l2) == 3
     for a, b in zip(l1, l2):
