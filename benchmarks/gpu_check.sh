@@ -100,8 +100,11 @@ if [ "$DRY_RUN" = 1 ]; then
     # code. One model shows the plumbing.
     COMPILED_ARGS=(--device cpu --preset smoke --rounds 2 --no-memory --variants dense --compile on
                    --compile-backend aot_eager)
-    FALLBACK_ARGS=(--device cpu --preset smoke --dtype bfloat16 --dispatch grouped_mm --expect grouped_mm)
-    TESTS=(tests/unit/test_profiling.py tests/e2e/test_bench.py -k "attribution or order_statistic or median_ci")
+    # Two models show the plumbing (and both kinds of line): dense has no MoE layer, h=3 routes sub-tokens.
+    FALLBACK_ARGS=(--device cpu --preset smoke --dtype bfloat16 --dispatch grouped_mm --expect grouped_mm
+                   --variants dense,mhmoe-h3)
+    # The step's plumbing (pytest runs, its last line is read): the summary's own tests, which import little.
+    TESTS=(tests/e2e/test_gpu_check.py -k "partial_folder or acceptance_of_the_layer_table or writes_after_each_run")
     # The dry run reads a pack too: the smoke preset's, built from the corpus sample carried in the package.
     PACK="$OUT/work/pack"
     "$PY" -m mhmoe.cli data pack --preset smoke --data-root "$REPO/mhmoe/data/sample_data" --out "$PACK" \
@@ -115,7 +118,7 @@ else
     # The models the acceptance compares first: a time limit leaves h=3 and SMoE measured.
     COMPILED_ARGS=(--device cuda --preset gpu --rounds 20 --variants smoe,mhmoe-h3,dense,fine-grained,mhmoe-h2
                    --compile "${COMPILE:-preset}")
-    FALLBACK_ARGS=(--device cuda --preset gpu --expect "${EXPECT:-scatter}")
+    FALLBACK_ARGS=(--device cuda --preset gpu --expect "${EXPECT:-scatter}" --variants "$VARIANTS")
     # The scatter-kernel tests in bf16 (what dispatch="auto" runs on CUDA; fp32's are the CPU suite's) and in one
     # xdist worker (--dist loadgroup, xdist_group "triton-kernels"): each kernel variant compiles once.
     TESTS=(tests/unit/test_scatter_configs.py tests/unit/test_loss.py tests/unit/test_profiling.py
@@ -207,8 +210,7 @@ run_step bench_layers "$T_LAYERS" "$PY" -m mhmoe.cli bench layers "${LAYERS_ARGS
 run_step bench_train "$T_TRAIN" "$PY" -m mhmoe.cli bench train "${TRAIN_ARGS[@]}" --variants "$VARIANTS" \
     --compile off --max-seconds 0 --peak-tflops "$PEAK" --profile "$OUT/profile" --profile-variants smoe,mhmoe-h3 \
     --profile-steps 2 --json-out "$LOGS/bench_train.json"
-run_step fallback "$T_FALLBACK" "$PY" benchmarks/gpu_fallback_check.py "${FALLBACK_ARGS[@]}" --variants "$VARIANTS" \
-    --json "$LOGS/fallback.json"
+run_step fallback "$T_FALLBACK" "$PY" benchmarks/gpu_fallback_check.py "${FALLBACK_ARGS[@]}" --json "$LOGS/fallback.json"
 run_step gpu9min "$T_9MIN" "$PY" benchmarks/gpu_9min_check.py "${NINE_ARGS[@]}" --pack "$PACK" \
     --json "$LOGS/gpu9min.json"
 run_step tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"

@@ -211,29 +211,6 @@ def test_bench_train_dtypes_compare_bf16_with_fp32(capsys):
             assert lo <= r["ratio_to_float32"] <= hi
 
 
-def test_bench_train_compile_flag(capsys, monkeypatch):
-    import torch._dynamo
-
-    compiled = []
-    real = torch.compile
-
-    def spy(model, **kw):
-        compiled.append((type(model).__name__, kw["backend"]))
-        return real(model, **kw)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    torch._dynamo.reset()
-    # aot_eager: dynamo and autograd tracing without inductor's C++ build
-    assert main(["bench", "train", "--json", "--preset", "smoke", "--variants", "smoe", "--rounds", "2",
-                 "--threads", "1", "--compile", "--compile-backend", "aot_eager", *FAST]) == 0
-    out = json.loads(capsys.readouterr().out)
-    (rec,) = out["records"]
-    assert compiled == [("Transformer", "aot_eager")] and out["meta"]["compile_backend"] == "aot_eager"
-    assert rec["compiled"] is True and rec["warmup_s"] > 0
-    assert rec["peak_mem_mb"] is None  # no memory pass over compiled graphs
-    assert rec["median_ms"] > 0
-
-
 @pytest.mark.parametrize("argv, message", [
     (["bench", "layers", "--dtypes", "float16"], "--dtypes: expected a comma-separated subset of float32, bfloat16"),
     (["bench", "train", "--dtypes", "fp32"], "--dtypes: expected a comma-separated subset of float32, bfloat16"),
