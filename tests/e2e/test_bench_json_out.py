@@ -3,13 +3,12 @@ mid-run (a real process, SIGKILL: no handler runs) leaves a valid JSON with what
 leaves the same JSON as --json prints, marked complete."""
 
 import json
+import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import fork_mhmoe, subprocess_env
 
 from mhmoe.cli import main
 
@@ -37,22 +36,23 @@ def _read(path):
 
 
 def _kill_when(argv, path, done, timeout=240):
-    """Start `python -m mhmoe.cli ARGV --json-out PATH`, poll PATH until done(json) holds, SIGKILL the process
-    (still running: the kill is mid-run) and return the file's JSON."""
-    proc = subprocess.Popen([sys.executable, "-m", "mhmoe.cli", *argv, "--json-out", str(path)], cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """Start `mhmoe ARGV --json-out PATH` in a process of its own (forked: tests/helpers.py), poll PATH until
+    done(json) holds, SIGKILL the process (still running: the kill is mid-run) and return the file's JSON."""
+    err = path.with_suffix(".stderr")
+    proc = fork_mhmoe([*argv, "--json-out", str(path)], subprocess_env(), os.devnull, err)
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and proc.is_alive():
             got = _read(path)
             if got is not None and done(got):
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, f"the bench ended before the kill: {proc.returncode}, {proc.stderr.read()}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        assert proc.is_alive(), f"the bench ended before the kill: {proc.exitcode}, {err.read_text()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
     return json.loads(path.read_text(encoding="utf-8"))  # valid JSON: every write was atomic
 
