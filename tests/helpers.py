@@ -121,13 +121,14 @@ def rank_logs(log_dir: Path, name: str = "stderr.log") -> list[str]:
     return [f.read_text() for f in files]
 
 
-# The ranks of ranks_like_torchrun are forked from one server process per test process that has imported torch,
-# its compiler front end (which the optimizer imports at its first step) and the CLI once: a fresh interpreter
-# spends about 2.5 CPU seconds on those imports before it trains a step, twice per launch, and the distributed
-# tests launch 2 ranks about 15 times. A forked rank is otherwise what torchrun starts: the driver below under
-# torchrun's environment, its own stdout and stderr, its exit code. The server has run no torch op, so no OpenMP
-# pool or other thread is forked with it. (torchrun itself still launches the DDP test of test_train.py and the
-# bad-config test of test_distributed.py.)
+# Processes that run `mhmoe` (the ranks of ranks_like_torchrun, start_ranks' workers, fork_mhmoe's runs to kill)
+# are forked from one server process per test process that has imported torch, its compiler front end (which
+# the optimizer imports at its first step) and the CLI once: a fresh interpreter spends about 2.5 CPU seconds on
+# those imports before it trains a step, and the distributed tests alone started about 30 such processes. A
+# forked process is otherwise what torchrun starts: the driver below under torchrun's environment, its own
+# stdout and stderr, its exit code; it ends with os._exit, so a fault in the interpreter's own exit shows only
+# where torchrun starts fresh interpreters (test_distributed.py's bad-config test under torchrun). The server has
+# run no torch op, so no OpenMP pool or other thread is forked with it.
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "mhmoe.cli", "mhmoe.cli.train", "mhmoe.training.loop"]
 
 
@@ -140,27 +141,29 @@ def forkserver():
     return ctx
 
 
-def _with_env(rank: int, fn, env: dict, *args) -> None:
+def _with_env(rank: int, fn, env: dict, cwd: str, *args) -> None:
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)
     fn(rank, *args)
 
 
 def start_ranks(fn, args: tuple, nprocs: int) -> None:
     """torch.multiprocessing.spawn(fn, args, nprocs) with the ranks forked from the forkserver above, each under
-    this process's environment of now (the server's is that of when it started)."""
+    this process's environment and working directory of now (the server's are those of when it started)."""
     import torch.multiprocessing as mp
 
     forkserver()
-    mp.start_processes(_with_env, args=(fn, dict(os.environ), *args), nprocs=nprocs, start_method="forkserver",
-                       join=True)
+    mp.start_processes(_with_env, args=(fn, dict(os.environ), os.getcwd(), *args), nprocs=nprocs,
+                       start_method="forkserver", join=True)
 
 
-def _driver_main(argv: list[str], env: dict, out: str, err: str) -> None:
+def _driver_main(argv: list[str], env: dict, out: str, err: str, cwd: str) -> None:
     """`mhmoe ARGV` through the driver in a forked process: `env` as its whole environment, stdout/stderr to
     files. Its exit code is the driver's; it ends with os._exit, without the interpreter's own exit."""
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)  # the server's is where the first test to fork stood
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
@@ -172,7 +175,7 @@ def _driver_main(argv: list[str], env: dict, out: str, err: str) -> None:
 def fork_mhmoe(argv: list[str], env: dict, out: str | Path, err: str | Path):
     """A started process (multiprocessing.Process) that runs `mhmoe ARGV` through the driver, forked from the
     server (no imports to wait for); stdout and stderr go to the files OUT and ERR."""
-    proc = forkserver().Process(target=_driver_main, args=(list(argv), dict(env), str(out), str(err)))
+    proc = forkserver().Process(target=_driver_main, args=(list(argv), dict(env), str(out), str(err), os.getcwd()))
     proc.start()
     return proc
 
