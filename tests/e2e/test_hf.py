@@ -2,6 +2,7 @@
 left padding), the Mixtral-style router API, `export_hf` of a real run with its tokenizer, and lm-evaluation-harness
 perplexity = `mhmoe eval` on the same text."""
 
+import importlib.util
 import json
 import math
 import os
@@ -11,17 +12,28 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+if importlib.util.find_spec("transformers") is None:  # found, not imported (see _hf_imports)
+    pytest.skip("transformers is not installed (pip install 'mhmoe[hf]')", allow_module_level=True)
 
 from conftest import shared_data_root  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mhmoe.errors import UserError  # noqa: E402
-from mhmoe.hf import MHMoEConfig, MHMoEForCausalLM, export_hf  # noqa: E402
 from mhmoe.model import Transformer  # noqa: E402
 from mhmoe.training.presets import preset  # noqa: E402
 
 ROOT = shared_data_root()
+AutoConfig = AutoModelForCausalLM = AutoTokenizer = MHMoEConfig = MHMoEForCausalLM = export_hf = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _hf_imports():
+    """transformers' Auto classes and mhmoe.hf, imported when this module's first test runs: imported when pytest
+    collects the module they cost every xdist worker about 3 s (transformers' MoE integrations, DTensor, sympy),
+    also the worker that runs none of these tests."""
+    global AutoConfig, AutoModelForCausalLM, AutoTokenizer, MHMoEConfig, MHMoEForCausalLM, export_hf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mhmoe.hf import MHMoEConfig, MHMoEForCausalLM, export_hf
 
 
 def _native(variant="mhmoe-h2", **over):

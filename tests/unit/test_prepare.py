@@ -14,13 +14,19 @@ from mhmoe.data import tokenizer as Tok
 from mhmoe.errors import DataError
 from mhmoe.fileio import sha256_file
 
-datasets = pytest.importorskip("datasets")
+
+@pytest.fixture
+def datasets():
+    """The `datasets` package, imported by the tests that write its formats (imported when pytest collects this
+    module it costs every xdist worker about 0.6 s)."""
+    return pytest.importorskip("datasets")
+
 
 DOCS = [f"Document {i}: " + "word " * (i % 7 + 3) + "ünïcödé ✓" for i in range(40)]
 
 
 @pytest.fixture
-def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, datasets) -> Path:
     """A parquet dataset folder standing in for the hub source of the `c4` corpus (train split)."""
     folder = tmp_path / "hub-c4"
     folder.mkdir()
@@ -36,7 +42,8 @@ def test_hub_reader_streams_a_local_parquet_dataset(local_hub: Path) -> None:
     assert list(Doc.load_hub_corpus("c4")) == DOCS
 
 
-def test_hub_reader_rebuilds_wikitext_articles_from_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_reader_rebuilds_wikitext_articles_from_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          datasets) -> None:
     raw = " = Alpha = \n\n Alpha text .\n\n = = Sub = = \n\n more .\n\n = Beta = \n\n Beta text .\n"
     folder = tmp_path / "wt"
     folder.mkdir()
