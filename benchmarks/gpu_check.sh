@@ -2,7 +2,7 @@
 # The GPU check: one prepared run for one CUDA GPU (H100/H200 class) that fits in one 10-minute call.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
-#   bash benchmarks/gpu_check.sh --cpu-dry-run   # the same plumbing on CPU at toy sizes (about 45 s on 2 idle cores)
+#   bash benchmarks/gpu_check.sh --cpu-dry-run   # the same plumbing on CPU at toy sizes (about 45 s on 2 cores, 2026-12-08)
 #
 # Steps, each under its own `timeout` and run whatever the previous one returned. The whole check ends within
 # TOTAL_S = 570 s: a step's limit is its planned seconds cut to what is left of TOTAL_S (less 60 s kept for the
