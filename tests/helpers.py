@@ -141,10 +141,16 @@ def forkserver():
     return ctx
 
 
-def _with_env(rank: int, fn, env: dict, cwd: str, *args) -> None:
+def _enter(env: dict, cwd: str) -> None:
+    """In a forked process: `env` as its whole environment, `cwd` as its directory (the server's are those of
+    when it started: the first forking test's)."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+
+
+def _with_env(rank: int, fn, env: dict, cwd: str, *args) -> None:
+    _enter(env, cwd)
     fn(rank, *args)
 
 
@@ -161,9 +167,7 @@ def start_ranks(fn, args: tuple, nprocs: int) -> None:
 def _driver_main(argv: list[str], env: dict, out: str, err: str, cwd: str) -> None:
     """`mhmoe ARGV` through the driver in a forked process: `env` as its whole environment, stdout/stderr to
     files. Its exit code is the driver's; it ends with os._exit, without the interpreter's own exit."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)  # the server's is where the first test to fork stood
+    _enter(env, cwd)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)

@@ -143,9 +143,8 @@ def _argv(out, cache, *extra, model="mhmoe-h2"):
 
 
 def _two_ranks(out, cache, *extra, model="mhmoe-h2", **env):
-    """2 ranks of `mhmoe train` in torchrun's environment, without its agent (about 2 s of every launch here):
-    what is compared is the training, not the launcher. torchrun itself launches the DDP test of test_train.py and
-    the bad-config test below."""
+    """2 ranks of `mhmoe train` in torchrun's environment, forked without its agent (tests/helpers.py): what is
+    compared is the training, not the launcher. torchrun itself launches the bad-config test below."""
     ranks = ranks_like_torchrun(_argv(out, cache, *extra, model=model), Path(f"{out}-logs"), **env)
     assert [code for code, _ in ranks] == [0, 0], [err[-3000:] for _, err in ranks]
     return _losses(out)

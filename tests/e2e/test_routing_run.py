@@ -5,14 +5,13 @@ routing section of `mhmoe reproduce` (extra --models, the activation claim, "not
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import shared_data_root
-from helpers import start_ranks
+from helpers import free_port, start_ranks
 from safetensors.torch import load_file
 
 from mhmoe.reproduction import reproduce as R
@@ -29,12 +28,6 @@ from mhmoe.training.routing_health import RoutingMonitor
 
 ROOT = shared_data_root()
 BASE = Base(dim=48, n_layers=4, n_heads=4, hidden_dim=64, num_experts=4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,7 +71,7 @@ def _bias_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_bias_update_over_two_gloo_ranks_equals_one_process_on_summed_loads(tmp_path):
     world = 2
-    start_ranks(_bias_worker, (world, _free_port(), str(tmp_path)), world)
+    start_ranks(_bias_worker, (world, free_port(), str(tmp_path)), world)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert got[0] == got[1]  # identical biases and records on every rank
     cfg = model_config(BASE, "mhmoe-h2-alf", 97, 64)
